@@ -1,0 +1,8 @@
+"""Subcommands of `testbed`. Each module exposes `register(subparsers)`, which adds its parser
+and sets `func` (args -> exit status). cli.py only wires them together."""
+
+COMMAND_MODULES = (
+    "testbed.commands.lab",
+    "testbed.commands.balance",
+    "testbed.commands.bench",
+)
