@@ -1,0 +1,228 @@
+"""Every figure kind of the thesis, drawn from a results directory alone (one function per kind).
+
+Each figure is written as NAME.png and NAME.svg beside a sidecar NAME.json naming the runs it
+was drawn from, so a figure can always be traced back to rows of the CSV tables. Only runs with
+status ok are drawn. Figures are built on matplotlib's object API (no pyplot state, Agg canvas),
+so plotting works without a display.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from testbed.analysis.data import Campaign, variant_label
+from testbed.lab import parse_rate
+
+FORMATS = ("png", "svg")
+#: Variants in the thesis' order: balanced before unbalanced, no migration before migration.
+VARIANT_ORDER = ["layout", "migration", "variant"]
+
+
+@dataclass(frozen=True)
+class FigureInfo:
+    name: str
+    kind: str
+    title: str
+    files: tuple[Path, ...]
+    run_ids: tuple[str, ...]
+
+
+def _natural(name: str) -> tuple[str, int]:
+    """`vm10` after `vm9`; `tb-pm2` before `tb-pm10`."""
+    match = re.match(r"^(.*?)(\d+)$", name)
+    return (match[1], int(match[2])) if match else (name, -1)
+
+
+def vm_colours(vms: Sequence[str]) -> dict[str, tuple[float, ...]]:
+    """One colour per VM for the whole campaign, so a VM keeps its colour across migrations."""
+    palette = colormaps["tab10" if len(vms) <= 10 else "tab20"]
+    return {vm: palette(k % palette.N) for k, vm in enumerate(sorted(vms, key=_natural))}
+
+
+def _save(fig: Figure, out_dir: Path, name: str, kind: str, title: str, run_ids: Sequence[str]) -> FigureInfo:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig.suptitle(title)
+    files = []
+    for fmt in FORMATS:
+        path = out_dir / f"{name}.{fmt}"
+        fig.savefig(path, format=fmt, dpi=110, bbox_inches="tight", metadata={"Date": None} if fmt == "svg" else None)
+        files.append(path)
+    ids = tuple(sorted(set(run_ids)))
+    sidecar = {"figure": name, "kind": kind, "title": title, "files": [p.name for p in files], "runs": list(ids)}
+    (out_dir / f"{name}.json").write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+    return FigureInfo(name, kind, title, tuple(files), ids)
+
+
+def cpu_timeline(c: Campaign, run_id: str, out_dir: Path) -> FigureInfo:
+    """Fig. 4.4: a panel per PM with the CPU % of its VMs stacked over time, a fixed colour per
+    VM (kept when it migrates), and each migration marked from its start to its end."""
+    run = c.runs.set_index("run_id").loc[run_id]
+    samples = c.cpu_samples[c.cpu_samples["run_id"] == run_id]
+    moves = c.migrations[c.migrations["run_id"] == run_id]
+    per_vm = samples[samples["vm"] != ""]
+    hosts = sorted(set(samples["host"]) | set(moves["source"]) | set(moves["destination"]), key=_natural)
+    colours = vm_colours(sorted(set(c.vm_times["vm"]) | set(per_vm["vm"])))
+    times = np.sort(samples["t_s"].unique())
+    fig = Figure(figsize=(9, 2.2 * max(len(hosts), 1) + 0.6), layout="constrained")
+    axes = fig.subplots(max(len(hosts), 1), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, host in zip(axes, hosts, strict=False):
+        on_host = per_vm[per_vm["host"] == host].pivot_table(index="t_s", columns="vm", values="cpu_pct",
+                                                              aggfunc="sum")
+        on_host = on_host.reindex(index=times, fill_value=0.0).fillna(0.0)
+        vms = sorted(on_host.columns, key=_natural)
+        if vms:
+            ax.stackplot(times, *(on_host[vm].to_numpy() for vm in vms), labels=vms,
+                         colors=[colours[vm] for vm in vms], step="post")
+        total = samples[(samples["host"] == host) & (samples["vm"] == "")]
+        if not total.empty:
+            ax.plot(total["t_s"], total["cpu_pct"], color="black", linewidth=0.8, label="PM total")
+        _mark_migrations(ax, host, moves, run["started_at"])
+        ax.set_ylabel(f"{host}\nCPU %")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("time since the run started (s)")
+    handles = [_patch(colours[vm]) for vm in colours]
+    fig.legend(handles, list(colours), loc="outside right upper", title="VM")
+    title = f"CPU use per PM — {run['technique']}, {variant_label(run)}, rep {run['rep']}"
+    return _save(fig, out_dir, f"cpu_timeline.{run_id}", "cpu_timeline", title, [run_id])
+
+
+def _patch(colour: tuple[float, ...]):
+    from matplotlib.patches import Patch
+
+    return Patch(facecolor=colour)
+
+
+def _mark_migrations(ax: Axes, host: str, moves: pd.DataFrame, run_start: pd.Timestamp) -> None:
+    for move in moves.itertuples():
+        if host not in (move.source, move.destination):
+            continue
+        start = (move.started_at - run_start).total_seconds()
+        ax.axvspan(start, start + move.total_time_s, color="grey", alpha=0.2, linewidth=0)
+        ax.axvline(start, color="black", linestyle="--", linewidth=0.8)
+        arrow = f"{move.vm} → {move.destination}" if host == move.source else f"{move.vm} ← {move.source}"
+        ax.annotate(arrow, (start, 1), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                    textcoords="offset points", fontsize=7)
+
+
+def _grouped_bars(ax: Axes, table: pd.DataFrame, x: str, group: str, order: Sequence[str],
+                  xs: Sequence[str] | None = None) -> None:
+    """Bars of `mean` with `std` error bars: one cluster per value of x (VMs in natural order
+    unless `xs` is given), one bar per group."""
+    xs = list(xs) if xs is not None else sorted(table[x].unique(), key=_natural)
+    width = 0.8 / max(len(order), 1)
+    for k, name in enumerate(order):
+        part = table[table[group] == name].set_index(x).reindex(xs)
+        ax.bar(np.arange(len(xs)) + (k - (len(order) - 1) / 2) * width, part["mean"], width,
+               yerr=part["std"].fillna(0), capsize=2, label=name)
+    ax.set_xticks(np.arange(len(xs)), xs)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _per_vm(c: Campaign) -> pd.DataFrame:
+    """Mean and std of each VM's execution time per technique and variant, over ok runs."""
+    times = c.ok(c.vm_times)
+    times["label"] = [variant_label(r) for _, r in times.iterrows()] if not times.empty else []
+    return times.groupby(["technique", "app", "variant", "label", *VARIANT_ORDER[:2], "vm"], as_index=False).agg(
+        mean=("exec_time_s", "mean"), std=("exec_time_s", "std"), run_ids=("run_id", lambda s: sorted(set(s))))
+
+
+def exec_time_by_variant(c: Campaign, technique: str, app: str, out_dir: Path) -> FigureInfo:
+    """Figs. 4.5/4.6/4.9/4.10/4.13/4.14: each VM's execution time per variant, mean ± std."""
+    table = _per_vm(c)
+    table = table[(table["technique"] == technique) & (table["app"] == app)]
+    order = list(dict.fromkeys(table.sort_values(VARIANT_ORDER)["label"]))
+    fig = Figure(figsize=(max(6, 0.9 * table["vm"].nunique() + 3), 4), layout="constrained")
+    ax = fig.subplots()
+    _grouped_bars(ax, table, "vm", "label", order)
+    ax.set_xlabel("VM")
+    ax.set_ylabel("execution time (s)")
+    fig.legend(loc="outside right upper", fontsize=8, title="variant")
+    ids = [i for ids in table["run_ids"] for i in ids]
+    return _save(fig, out_dir, f"exec_time.{technique}.{app}", "exec_time_by_variant",
+                 f"Execution time per VM — {app} on {technique} (mean ± std)", ids)
+
+
+def technique_comparison(c: Campaign, app: str, out_dir: Path) -> FigureInfo:
+    """Figs. 4.7/4.8/4.11/4.12/4.15: per variant, each VM's time per technique; last panel, the
+    mean over all VMs per technique and variant."""
+    table = _per_vm(c)
+    table = table[table["app"] == app]
+    labels = list(dict.fromkeys(table.sort_values(VARIANT_ORDER)["label"]))
+    techniques = sorted(table["technique"].unique())
+    fig = Figure(figsize=(10, 3 * (len(labels) + 1)), layout="constrained")
+    axes = fig.subplots(len(labels) + 1, 1, squeeze=False)[:, 0]
+    for ax, label in zip(axes, labels, strict=False):
+        _grouped_bars(ax, table[table["label"] == label], "vm", "technique", techniques)
+        ax.set_title(label, fontsize=10)
+        ax.set_ylabel("execution time (s)")
+    times = c.ok(c.vm_times)
+    times = times[times["app"] == app]
+    times["label"] = [variant_label(r) for _, r in times.iterrows()] if not times.empty else []
+    means = times.groupby(["technique", "label"], as_index=False).agg(mean=("exec_time_s", "mean"),
+                                                                     std=("exec_time_s", "std"))
+    _grouped_bars(axes[-1], means, "label", "technique", techniques, xs=labels)
+    axes[-1].set_title("mean over all VMs", fontsize=10)
+    axes[-1].set_ylabel("execution time (s)")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside right upper", fontsize=8, title="technique")
+    return _save(fig, out_dir, f"techniques.{app}", "technique_comparison",
+                 f"Techniques compared — {app} (mean ± std)", times["run_id"].tolist())
+
+
+def migration_vs_link_rate(c: Campaign, out_dir: Path) -> FigureInfo:
+    """Figs. A.1/A.2: total migration time and downtime versus link rate, one line per technique,
+    migration mode, app and compression (mean ± std over the runs of each point)."""
+    moves = c.ok(c.migrations)
+    moves = moves[(moves["link_rate"] != "") & (moves["status"] == "completed")].copy()
+    moves["rate_mbit"] = [parse_rate(r) / 1e6 for r in moves["link_rate"]]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for (technique, mode, app, compression), line in moves.groupby(["technique", "mode", "app", "compression"]):
+        stats = line.groupby("rate_mbit").agg(total=("total_time_s", "mean"), total_std=("total_time_s", "std"),
+                                              down=("downtime_s", "mean"), down_std=("downtime_s", "std"))
+        name = f"{technique} {mode}, {app}, {compression}"
+        marker = "o" if compression == "none" else "s"
+        axes[0].errorbar(stats.index, stats["total"], yerr=stats["total_std"].fillna(0), marker=marker,
+                         capsize=2, label=name)
+        axes[1].errorbar(stats.index, stats["down"], yerr=stats["down_std"].fillna(0), marker=marker,
+                         capsize=2, label=name)
+    for ax, what in zip(axes, ("total migration time (s)", "downtime (s)"), strict=True):
+        ax.set_xlabel("link rate (Mbit/s)")
+        ax.set_ylabel(what)
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    return _save(fig, out_dir, "migration_vs_link_rate", "migration_vs_link_rate",
+                 "Migration time and downtime vs link rate", moves["run_id"].tolist())
+
+
+def timeline_runs(c: Campaign) -> list[str]:
+    """One run per technique and variant for the CPU timeline: its first ok repetition with samples."""
+    sampled = set(c.cpu_samples["run_id"])
+    runs = c.ok_runs[c.ok_runs["run_id"].isin(sampled)].sort_values(["technique", "variant", "rep"])
+    return runs.groupby(["technique", "variant"])["run_id"].first().tolist()
+
+
+def plot_all(c: Campaign, out_dir: str | Path | None = None) -> list[FigureInfo]:
+    """Every figure the results support (each kind only where its data exists), default in DIR/figures."""
+    out = Path(out_dir) if out_dir is not None else c.directory / "figures"
+    figures = [cpu_timeline(c, run_id, out) for run_id in timeline_runs(c)]
+    timed = c.ok(c.vm_times)
+    for technique, app in sorted(set(zip(timed["technique"], timed["app"], strict=True))):
+        figures.append(exec_time_by_variant(c, technique, app, out))
+    for app in sorted(set(timed["app"])):
+        figures.append(technique_comparison(c, app, out))
+    if not c.ok(c.migrations).query("link_rate != ''").empty:
+        figures.append(migration_vs_link_rate(c, out))
+    return figures

@@ -1,0 +1,127 @@
+"""`testbed report`: one self-contained HTML page (no external files) for a results directory:
+the figures (PNG embedded as base64), the statistics per variant, each "with migration" variant
+against its "no migration" twin with Welch's test, and the lab facts from the manifest."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from testbed.analysis.data import Campaign, comparison_table, load, variant_table
+from testbed.analysis.plots import FigureInfo, plot_all
+
+#: Manifest entries shown in their own sections (the rest are the lab facts and provenance).
+_OWN_SECTIONS = {"spec", "variants"}
+
+
+def _cell(column: str, value: Any) -> str:
+    if isinstance(value, bool | np.bool_):
+        return "yes" if value else "no"
+    if not isinstance(value, float | np.floating):
+        return escape(str(value))
+    if math.isnan(value) or math.isinf(value):
+        return "—"
+    if column == "welch_p":
+        return "&lt; 0.0001" if value < 1e-4 else f"{value:.2g}"
+    return f"{value:.1f}" if column == "change_pct" else f"{value:.2f}"
+
+
+def _table(frame: pd.DataFrame) -> str:
+    """An HTML table, without the optional axes no variant sets (mode, link rate, compression)."""
+    if frame.empty:
+        return "<p>No completed runs with status ok.</p>"
+    unused = [col for col in ("mode", "link_rate", "compression") if frame[col].isin(["", "none"]).all()]
+    frame = frame.drop(columns=unused)
+    head = "".join(f"<th>{escape(col)}</th>" for col in frame.columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_cell(col, row[col])}</td>" for col in frame.columns) + "</tr>"
+        for _, row in frame.iterrows()
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _figure(info: FigureInfo) -> str:
+    png = next(p for p in info.files if p.suffix == ".png")
+    data = base64.b64encode(png.read_bytes()).decode()
+    runs = ", ".join(info.run_ids)
+    return (f'<figure id="{escape(info.name)}"><img alt="{escape(info.title)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{escape(info.title)}<br><small>runs: {escape(runs)}</small></figcaption></figure>")
+
+
+def _left_out(c: Campaign) -> str:
+    """Runs recorded but not used (invalid or failed), with the reason kept in DIR/runs/<id>.json."""
+    bad = c.runs[c.runs["status"] != "ok"].sort_values("run_id")
+    if bad.empty:
+        return "<p>None: every recorded run has status ok.</p>"
+    items = "".join(f"<li><code>{escape(r.run_id)}</code>: {escape(r.status)} (see runs/{escape(r.run_id)}.json)</li>"
+                    for r in bad.itertuples())
+    return f"<ul>{items}</ul>"
+
+
+def _facts(manifest: dict[str, Any]) -> str:
+    rows = []
+    for key in sorted(k for k in manifest if k not in _OWN_SECTIONS):
+        value = manifest[key]
+        shown = value if isinstance(value, str) else json.dumps(value, indent=2, default=str)
+        rows.append(f"<dt>{escape(key)}</dt><dd><pre>{escape(shown)}</pre></dd>")
+    return "<dl>" + "".join(rows) + "</dl>" if rows else "<p>The manifest has no lab facts.</p>"
+
+
+_STYLE = """
+body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }
+th { background: #f0f0f0; }
+figure { margin: 2em 0; } img { max-width: 100%; }
+pre { background: #f7f7f7; padding: 0.5em; overflow-x: auto; font-size: 0.8em; }
+dt { font-weight: bold; margin-top: 0.5em; }
+"""
+
+
+def render(c: Campaign, figures: list[FigureInfo]) -> str:
+    variants = variant_table(c).drop(columns=["run_ids"])
+    twins = comparison_table(c).drop(columns=["run_ids"])
+    counts = c.runs["status"].value_counts().to_dict()
+    name = c.manifest.get("experiment", c.directory.name)
+    spec = yaml.safe_dump(c.manifest.get("spec", {}), sort_keys=False)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>testbed report — {escape(name)}</title>
+<style>{_STYLE}</style></head><body>
+<h1>Experiment {escape(name)}</h1>
+<p>Results directory <code>{escape(str(c.directory))}</code>: {len(c.runs)} runs recorded
+({escape(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))}). Statistics use runs with status ok;
+one observation per run is the mean execution time over its VMs.</p>
+<h2>Execution time per variant</h2>
+<p>Mean, sample standard deviation and 95 % confidence interval of the mean (Student's t).</p>
+{_table(variants)}
+<h2>With migration against no migration</h2>
+<p>Relative change of the mean execution time of each "with migration" variant against its
+"no migration" twin (negative: migration shortened it), with the two-sided p-value of Welch's t-test.</p>
+{_table(twins)}
+<h2>Runs left out</h2>
+{_left_out(c)}
+<h2>Figures</h2>
+{"".join(_figure(f) for f in figures) or "<p>No figures: no completed runs.</p>"}
+<h2>Spec</h2>
+<pre>{escape(spec)}</pre>
+<h2>Lab facts and provenance</h2>
+{_facts(c.manifest)}
+</body></html>
+"""
+
+
+def write_report(directory: str | Path, out: str | Path | None = None) -> Path:
+    """Draw the figures (into DIR/figures) and write the page (default DIR/report.html)."""
+    c = load(directory)
+    figures = plot_all(c)
+    path = Path(out) if out is not None else c.directory / "report.html"
+    path.write_text(render(c, figures), encoding="utf-8")
+    return path

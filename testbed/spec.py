@@ -1,0 +1,249 @@
+"""Experiment specs (experiments/*.yml): what a campaign runs, validated before any host is touched.
+
+A spec names the techniques, the application and how the VMs are made, then a `matrix` of
+variant axes (layout x migration, and for Appendix A app x link rate x compression x mode) whose
+cross product, minus `exclude`, gives the variants. Every run is technique x variant x
+repetition (testbed.runner.campaign). A bad spec fails with one line naming the field, e.g.
+`exp1.yml: matrix.layout.1: [7, 1] gives counts for 2 PMs, the experiment has 3`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from testbed.errors import InputError, describe_validation_error
+from testbed.runner import layouts
+
+Technique = Literal["qemu", "container", "xen", "openvz", "sim"]
+App = Literal["synthetic1", "synthetic-random", "kernel", "allocator", "idle"]
+Compression = Literal["none", "bzip2", "zstd"]
+Mode = Literal["precopy", "stopcopy", "postcopy"]
+LayoutValue = str | list[int] | dict[str, int]  # a name from layouts.NAMED_LAYOUTS, counts, or PM per VM
+NonNegative = Annotated[float, Field(ge=0)]
+
+#: The thesis runs every variant at least 7 times (§4.3).
+DEFAULT_REPETITIONS = 7
+
+
+def _fail(loc: tuple[str | int, ...], reason: str, value: object) -> ValidationError:
+    """A validation error at `loc` inside the model, so the one-line message names the exact field."""
+    error = PydanticCustomError("spec", "{reason}", {"reason": reason})
+    return ValidationError.from_exception_data("spec", [InitErrorDetails(type=error, loc=loc, input=value)])
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Balancer(_Strict):
+    """The manager during "with migration" variants: policy, its parameters, the CC's interval."""
+
+    policy: str = "assign-u"
+    params: dict[str, float] = {}
+    interval_s: float = Field(10.0, ge=1.0)  # the thesis' 10 s (§4.2); the CC's minimum is 1 s
+    cooldown_s: NonNegative = 60.0
+    mode: Mode | None = None  # None: the technique's own (QEMU pre-copy, containers stop-and-copy)
+
+    @model_validator(mode="after")
+    def _policy_exists(self) -> Balancer:
+        from testbed.balancer import POLICIES, get_policy
+
+        if self.policy not in POLICIES:
+            raise _fail(("policy",), f"unknown policy {self.policy!r} (choose from {', '.join(POLICIES)})",
+                        self.policy)
+        try:
+            get_policy(self.policy, **self.params)
+        except InputError as err:
+            raise _fail(("params",), str(err), self.params) from None
+        return self
+
+
+class Matrix(_Strict):
+    """Variant axes; their cross product (minus the spec's `exclude`) is the list of variants.
+
+    `app`, `link_rate`, `compression` and `mode` default to the spec's app, the lab's link
+    rate, no compression and the balancer's mode; list them to vary them (Appendix A).
+    """
+
+    layout: list[LayoutValue] = Field(["balanced"], min_length=1)
+    migration: list[bool] = Field([False, True], min_length=1)
+    app: list[App] | None = Field(None, min_length=1)
+    link_rate: list[str] | None = Field(None, min_length=1)
+    compression: list[Compression] | None = Field(None, min_length=1)
+    mode: list[Mode] | None = Field(None, min_length=1)
+
+    @field_validator("link_rate")
+    @classmethod
+    def _rates_parse(cls, rates: list[str] | None) -> list[str] | None:
+        from testbed.lab import parse_rate
+
+        for k, rate in enumerate(rates or ()):
+            try:
+                parse_rate(rate)
+            except ValueError as err:
+                raise _fail((k,), str(err), rate) from None
+        return rates
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One cell of the matrix. `link_rate` None: the lab's own; `placement`: PM (1-based) per VM."""
+
+    layout: str  # label: balanced, unbalanced, 7-1-1, at-1-2-1-2
+    placement: tuple[int, ...]
+    migration: bool
+    app: str
+    link_rate: str | None
+    compression: str
+    mode: str | None  # None: the technique's own
+
+    @property
+    def id(self) -> str:
+        """Stable name of the variant in run ids, e.g. `synthetic1.unbalanced.mig`: its axes only
+        (axes left at their default are omitted), never its position in the spec."""
+        parts = [self.app, self.layout, "mig" if self.migration else "nomig", self.mode, self.link_rate,
+                 None if self.compression == "none" else self.compression]
+        return ".".join(p for p in parts if p is not None)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"layout": self.layout, "placement": list(self.placement), "migration": self.migration,
+                "app": self.app, "link_rate": self.link_rate, "compression": self.compression,
+                "mode": self.mode}
+
+
+class Spec(_Strict):
+    """One experiment: see experiments/*.yml and the README's "Experiment specs" section."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=64)
+    description: str = ""
+    kind: Literal["balancing", "migration"] = "balancing"  # migration: App. A, one forced move per run
+    techniques: list[Technique] = Field(min_length=1)
+    app: App = "synthetic1"
+    instances: int = Field(1, ge=1, le=64)  # copies of the app started at once in every VM
+    vms: int = Field(9, ge=1, le=1000)
+    pms: int = Field(3, ge=1, le=1000)
+    memory_mb: int = Field(100, ge=32)
+    vcpus: int = Field(2, ge=1)
+    start_delay_s: dict[str, NonNegative] = {}  # per VM; scaled with `scale` (validation, §4.5)
+    warmup_s: NonNegative = 0.0  # kind migration: the app runs this long before the move
+    matrix: Matrix = Matrix()
+    exclude: list[dict[str, Any]] = []
+    balancer: Balancer = Balancer()
+    repetitions: int = Field(DEFAULT_REPETITIONS, ge=1, le=1000)
+    scale: float = Field(1.0, gt=0, le=100)  # multiplies the work of every app (and delays)
+    seed: int = 0
+
+    @field_validator("techniques")
+    @classmethod
+    def _unique(cls, techniques: list[str]) -> list[str]:
+        for k, technique in enumerate(techniques):
+            if technique in techniques[:k]:
+                raise _fail((k,), f"{technique} is listed twice", technique)
+        return techniques
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Spec:
+        names = layouts.vm_names(self.vms)
+        for vm in self.start_delay_s:
+            if vm not in names:
+                raise _fail(("start_delay_s", vm), f"not one of the VMs vm1..vm{self.vms}", vm)
+        for k, layout in enumerate(self.matrix.layout):
+            try:
+                layouts.placement(layout, self.vms, self.pms)
+            except ValueError as err:
+                raise _fail(("matrix", "layout", k), str(err), layout) from None
+        if self.kind == "migration" and False in self.matrix.migration:
+            raise _fail(("matrix", "migration"), "a migration experiment always migrates (use [true])",
+                        self.matrix.migration)
+        axes = set(Matrix.model_fields)
+        for k, rule in enumerate(self.exclude):
+            for key in rule:
+                if key not in axes:
+                    raise _fail(("exclude", k, key), f"not a matrix axis ({', '.join(sorted(axes))})", key)
+        variant_list = self.variants()
+        if not variant_list:
+            raise _fail(("exclude",), "excludes every variant", self.exclude)
+        seen: set[str] = set()
+        for variant in variant_list:
+            if variant.id in seen:
+                raise _fail(("matrix",), f"variant {variant.id} appears twice", variant.id)
+            seen.add(variant.id)
+        return self
+
+    def variants(self) -> list[Variant]:
+        """The matrix' cross product minus `exclude`, in the spec's order (run order is shuffled later)."""
+        m = self.matrix
+        axes = {
+            "layout": m.layout,
+            "migration": m.migration,
+            "app": m.app or [self.app],
+            "link_rate": m.link_rate or [None],
+            "compression": m.compression or ["none"],
+            "mode": m.mode or [self.balancer.mode],
+        }
+        result = []
+        for values in itertools.product(*axes.values()):
+            cell = dict(zip(axes, values, strict=True))
+            if any(_matches(rule, cell) for rule in self.exclude):
+                continue
+            layout = cell.pop("layout")
+            result.append(Variant(layout=layouts.label(layout),
+                                  placement=layouts.placement(layout, self.vms, self.pms), **cell))
+        return result
+
+    def check_against_lab(self, pm_count: int, pm_cores: int | None = None, source: str = "spec") -> None:
+        """Refuse a spec the lab cannot run (PM count, vCPUs per PM) before any host is touched."""
+        if pm_count != self.pms:
+            raise InputError(f"{source}: pms: the spec places VMs on {self.pms} PMs, the lab has {pm_count}")
+        if pm_cores is not None and self.vcpus > pm_cores:
+            raise InputError(f"{source}: vcpus: {self.vcpus} vCPUs per VM, the lab's PMs stand for {pm_cores} cores")
+
+
+def _matches(rule: dict[str, Any], cell: dict[str, Any]) -> bool:
+    """An exclude rule matches a cell when every axis it names has the cell's value."""
+    for key, value in rule.items():
+        have = cell[key]
+        if key == "layout":
+            value, have = layouts.label(value), layouts.label(have)
+        if value != have:
+            return False
+    return True
+
+
+def parse_spec(data: object, source: str = "spec") -> Spec:
+    """Validate a spec already read (a mapping); InputError names the first bad field."""
+    if not isinstance(data, dict):
+        raise InputError(f"{source}: (top level): must be a mapping of spec fields")
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as err:
+        raise InputError(describe_validation_error(err, source)) from None
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate experiments/NAME.yml."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise InputError(f"{path}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "(top level)"
+        raise InputError(f"{path}: {where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    return parse_spec(data, str(path))
+
+
+def spec_with(spec: Spec, **changes: Any) -> Spec:
+    """The spec with command-line overrides (--reps, --scale), validated again."""
+    return parse_spec(spec.model_dump() | changes, f"{spec.name} (command line)")
+

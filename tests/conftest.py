@@ -1,0 +1,52 @@
+"""Shared fixtures: the embedded lab, provisioned once per test session.
+
+`embedded_lab` runs playbooks/site.yml (as `testbed lab up` does) the first time a test asks for
+it and tears the lab down (playbooks/teardown.yml) at the end of the session; it returns the
+`testbed.lab.Lab` read from inventory/local. `run_playbook("ntp.yml")` runs one more playbook
+against it and fails the test when the playbook fails. Tests marked `lab_teardown` run after all
+others, since they take the lab down.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from testbed.commands.lab import PLAYBOOKS
+from testbed.commands.lab import run_playbook as _run
+from testbed.lab import DEFAULT_INVENTORY, Lab, load_lab
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "lab_teardown: takes the embedded lab down; runs after all other tests")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.get_closest_marker("lab_teardown") is not None)
+
+
+def _playbook(name: str):
+    """Run playbooks/<name> on the embedded lab; fail with Ansible's own failure lines."""
+    result = _run(PLAYBOOKS / name, DEFAULT_INVENTORY)
+    assert result.rc == 0, f"{name} failed (exit {result.rc}); see the captured output"
+    return result
+
+
+@pytest.fixture(scope="session")
+def embedded_lab() -> Iterator[Lab]:
+    if os.geteuid() != 0:
+        pytest.skip("the embedded lab needs root (namespaces, cgroups, sshd)")
+    lab = load_lab(DEFAULT_INVENTORY)
+    started = time.monotonic()
+    _playbook("site.yml")
+    print(f"embedded lab provisioned in {time.monotonic() - started:.1f} s")
+    yield lab
+    _playbook("teardown.yml")
+
+
+@pytest.fixture(scope="session")
+def run_playbook(embedded_lab: Lab) -> Callable[[str], object]:
+    return _playbook

@@ -1,0 +1,103 @@
+"""Statistics against textbook values, and `testbed plot` / `testbed report` from a small results
+directory written by the store (runs made up by tests/campaign_helpers.py): every figure kind
+exists as valid PNG and SVG, sidecars name exactly the runs drawn, the HTML holds the tables."""
+
+from __future__ import annotations
+
+import json
+import math
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from campaign_helpers import FakeExecutor, appendix_spec, small_spec
+from scipy import stats as scipy_stats
+
+from testbed.analysis.data import comparison_table, load, variant_table
+from testbed.analysis.stats import relative_change, summarize, welch_p
+from testbed.cli import main
+from testbed.results import ResultsStore
+from testbed.runner.campaign import run_campaign
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+INVALID = "qemu.synthetic1.unbalanced.mig.r2"
+
+
+def test_summary_matches_the_t_interval():
+    s = summarize([10.0, 12.0, 14.0])
+    assert (s.n, s.mean, s.std) == (3, 12.0, 2.0)
+    assert s.half_width == pytest.approx(4.302653 * 2.0 / math.sqrt(3), rel=1e-6)  # t(0.975, 2)
+    assert (s.ci_low, s.ci_high) == pytest.approx((12.0 - s.half_width, 12.0 + s.half_width))
+    one = summarize([5.0])
+    assert math.isnan(one.std) and math.isinf(one.half_width)
+
+
+def test_welch_and_relative_change():
+    a, b = [61.0, 63.0, 60.0, 62.0], [100.0, 104.0, 98.0, 101.0]
+    assert welch_p(a, b) == pytest.approx(scipy_stats.ttest_ind(a, b, equal_var=False).pvalue)
+    assert welch_p(a, b) < 0.001 and welch_p(a, a) == pytest.approx(1.0)
+    assert math.isnan(welch_p([1.0], b))
+    assert relative_change([61.0, 63.0], [100.0, 100.0]) == pytest.approx(-0.38)
+
+
+@pytest.fixture(scope="module")
+def campaign_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("results")
+    with ResultsStore(directory) as store:
+        run_campaign(small_spec(), store, FakeExecutor(bad={INVALID}), provenance={"lab": {"pms": 3}})
+    return directory
+
+
+def test_tables_use_ok_runs_only(campaign_dir):
+    c = load(campaign_dir)
+    table = variant_table(c)
+    assert len(table) == 6 and set(table["runs"]) == {3}
+    row = table[(table["technique"] == "qemu") & (table["layout"] == "unbalanced") & table["migration"]].iloc[0]
+    assert INVALID not in row["run_ids"] and "qemu.synthetic1.unbalanced.mig.r4" in row["run_ids"]
+    assert row["ci_low_s"] < row["mean_s"] < row["ci_high_s"]
+    twins = comparison_table(c)
+    assert len(twins) == 2 and (twins["layout"] == "unbalanced").all()
+    assert (twins["change_pct"] < -20).all() and (twins["welch_p"] < 0.01).all()
+
+
+def check_figure_files(figdir: Path, name: str) -> dict:
+    png = (figdir / f"{name}.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 5000
+    root = ET.parse(figdir / f"{name}.svg").getroot()
+    assert root.tag.endswith("svg")
+    return json.loads((figdir / f"{name}.json").read_text())
+
+
+def test_testbed_plot_draws_every_kind_with_sidecars(campaign_dir, capsys):
+    assert main(["plot", str(campaign_dir)]) == 0
+    figdir = campaign_dir / "figures"
+    c = load(campaign_dir)
+    ok = set(c.ok_runs["run_id"])
+    timeline = check_figure_files(figdir, "cpu_timeline.qemu.synthetic1.unbalanced.mig.r1")
+    assert timeline["runs"] == ["qemu.synthetic1.unbalanced.mig.r1"] and timeline["kind"] == "cpu_timeline"
+    assert len(list(figdir.glob("cpu_timeline.*.json"))) == 6
+    qemu = check_figure_files(figdir, "exec_time.qemu.synthetic1")
+    assert set(qemu["runs"]) == {r for r in ok if r.startswith("qemu.")} and INVALID not in qemu["runs"]
+    both = check_figure_files(figdir, "techniques.synthetic1")
+    assert set(both["runs"]) == ok
+    assert "migration_vs_link_rate" not in capsys.readouterr().out  # no link-rate variants here
+
+
+def test_link_rate_figure_for_appendix_a(tmp_path):
+    with ResultsStore(tmp_path) as store:
+        run_campaign(appendix_spec(), store, FakeExecutor())
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "figs")]) == 0
+    sidecar = check_figure_files(tmp_path / "figs", "migration_vs_link_rate")
+    assert len(sidecar["runs"]) == 2 * 2 * 2
+    assert load(tmp_path).runs["link_rate"].tolist().count("10mbit") == 4
+
+
+def test_testbed_report_is_one_self_contained_page(campaign_dir, tmp_path):
+    out = tmp_path / "page.html"
+    assert main(["report", str(campaign_dir), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert page.count("<table>") == 2 and "<th>ci_low_s</th>" in page and "<th>welch_p</th>" in page
+    assert page.count('src="data:image/png;base64,') == len(list((campaign_dir / "figures").glob("*.png")))
+    assert "src=\"http" not in page and "<link" not in page
+    assert "invalid: 1, ok: 18" in page and "&quot;pms&quot;: 3" in page
+    assert f"<li><code>{INVALID}</code>: invalid" in page  # listed as left out, drawn nowhere

@@ -1,0 +1,117 @@
+"""Experiment specs: the shipped experiments validate, layouts place VMs as the thesis does, and
+every bad field fails with one line naming it (exit 2 from the CLI path, InputError in Python)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from testbed.errors import InputError
+from testbed.runner.layouts import counts_for, label, placement
+from testbed.spec import load_spec, parse_spec, spec_with
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+BASE = {"name": "t", "techniques": ["qemu"]}
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yml")), ids=lambda p: p.name)
+def test_shipped_experiments_validate(path):
+    spec = load_spec(path)
+    assert spec.variants()
+    spec.check_against_lab(pm_count=3, pm_cores=4)
+
+
+def test_exp1_has_the_thesis_variants():
+    spec = load_spec(EXPERIMENTS / "exp1.yml")
+    cells = {(v.layout, v.migration) for v in spec.variants()}
+    assert cells == {("balanced", False), ("unbalanced", False), ("unbalanced", True)}
+    assert spec.repetitions == 7 and spec.vcpus == 2 and spec.instances == 2 and spec.vms == 9
+
+
+def test_named_layouts_follow_the_thesis():
+    assert counts_for("balanced", 9, 3) == (3, 3, 3)
+    assert counts_for("unbalanced", 9, 3) == (7, 1, 1)
+    assert counts_for("balanced", 10, 3) == (4, 3, 3)
+    assert placement("unbalanced", 9, 3) == (1, 1, 1, 1, 1, 1, 1, 2, 3)
+    assert placement([2, 0, 1], 3, 3) == (1, 1, 3)
+    assert placement({"vm1": 2, "vm2": 1}, 2, 2) == (2, 1)
+    assert label([7, 1, 1]) == "7-1-1" and label({"vm1": 2, "vm2": 1}) == "at-2-1"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"name": "Exp 1"}, "name: String should match pattern"),
+        ({"techniques": []}, "techniques: List should have at least 1 item"),
+        ({"techniques": ["kvm"]}, "techniques.0: Input should be"),
+        ({"techniques": ["qemu", "qemu"]}, "techniques.1: qemu is listed twice"),
+        ({"app": "games"}, "app: Input should be"),
+        ({"vcpus": 0}, "vcpus: Input should be greater than or equal to 1"),
+        ({"memory_mb": 8}, "memory_mb: Input should be greater than or equal to 32"),
+        ({"repetitions": 0}, "repetitions: Input should be greater than or equal to 1"),
+        ({"scale": 0}, "scale: Input should be greater than 0"),
+        ({"seed": "x"}, "seed: Input should be a valid integer"),
+        ({"colour": "red"}, "colour: Extra inputs are not permitted"),
+        ({"matrix": {"layout": ["lopsided"]}}, "matrix.layout.0: unknown layout 'lopsided'"),
+        ({"matrix": {"layout": [[7, 1]]}}, "matrix.layout.0: [7, 1] gives counts for 2 PMs, the experiment has 3"),
+        ({"matrix": {"layout": [[7, 1, 2]]}}, "matrix.layout.0: [7, 1, 2] places 10 VMs, the experiment has 9"),
+        ({"vms": 2, "matrix": {"layout": [{"vm1": 1, "vm2": 4}]}}, "matrix.layout.0: vm2: PM 4 is not between 1 and 3"),
+        ({"vms": 2, "matrix": {"layout": ["unbalanced"]}}, "matrix.layout.0: unbalanced needs at least one VM per PM"),
+        ({"matrix": {"link_rate": ["fast"]}}, "matrix.link_rate.0: 'fast' is not a rate"),
+        ({"matrix": {"compression": ["gzip"]}}, "matrix.compression.0: Input should be"),
+        ({"matrix": {"migration": []}}, "matrix.migration: List should have at least 1 item"),
+        ({"exclude": [{"speed": 1}]}, "exclude.0.speed: not a matrix axis"),
+        ({"exclude": [{"layout": "balanced"}]}, "exclude: excludes every variant"),
+        ({"start_delay_s": {"vm12": 5}}, "start_delay_s.vm12: not one of the VMs vm1..vm9"),
+        ({"start_delay_s": {"vm1": -5}}, "start_delay_s.vm1: Input should be greater than or equal to 0"),
+        ({"balancer": {"policy": "random"}}, "balancer.policy: unknown policy 'random'"),
+        ({"balancer": {"params": {"base": 0.5}}}, "balancer.params: base must be a finite number greater than 1"),
+        ({"balancer": {"params": {"threshold": 3}}}, "balancer.params: threshold: not a parameter of policy"),
+        ({"balancer": {"interval_s": 0.5}}, "balancer.interval_s: Input should be greater than or equal to 1"),
+        ({"balancer": {"mode": "teleport"}}, "balancer.mode: Input should be"),
+        ({"kind": "migration", "matrix": {"migration": [False]}}, "matrix.migration: a migration experiment always"),
+    ],
+)
+def test_bad_field_is_named_in_one_line(change, message):
+    with pytest.raises(InputError) as err:
+        parse_spec(BASE | change, "x.yml")
+    text = str(err.value)
+    assert text.startswith("x.yml: ") and message in text, text
+    assert "\n" not in text
+
+
+def test_load_spec_reports_yaml_and_file_problems(tmp_path):
+    broken = tmp_path / "broken.yml"
+    broken.write_text("name: [unclosed\n")
+    with pytest.raises(InputError, match=r"broken.yml: line \d+: not valid YAML"):
+        load_spec(broken)
+    listing = tmp_path / "list.yml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(InputError, match=r"list.yml: \(top level\): must be a mapping"):
+        load_spec(listing)
+    with pytest.raises(InputError, match="missing.yml: No such file"):
+        load_spec(tmp_path / "missing.yml")
+
+
+def test_lab_cross_check_names_the_field():
+    spec = parse_spec(BASE | {"vcpus": 8})
+    with pytest.raises(InputError, match="pms: the spec places VMs on 3 PMs, the lab has 2"):
+        spec.check_against_lab(pm_count=2)
+    with pytest.raises(InputError, match="vcpus: 8 vCPUs per VM, the lab's PMs stand for 4 cores"):
+        spec.check_against_lab(pm_count=3, pm_cores=4)
+
+
+def test_overrides_are_validated_again():
+    spec = parse_spec(BASE)
+    assert spec_with(spec, repetitions=2, scale=0.1).repetitions == 2
+    with pytest.raises(InputError, match="scale: Input should be greater than 0"):
+        spec_with(spec, scale=-1)
+
+
+def test_cli_reports_input_errors_in_one_line_with_exit_2(tmp_path, capsys):
+    from testbed.cli import main
+
+    assert main(["plot", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"testbed: error: {tmp_path / 'nowhere'}: not a results directory (no runs.csv)\n"
