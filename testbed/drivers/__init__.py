@@ -1,0 +1,1 @@
+"""Drivers: the only code that knows a virtualization technology (see base.Driver)."""

@@ -1,0 +1,876 @@
+"""QEMU full-system VMs on the lab's PMs, driven over QMP, migrated by QEMU itself.
+
+A VM is one QEMU process started *on* its PM: it joins the PM's cgroups and then enters the
+PM's network namespace (in that order: `ip netns exec` hides /sys/fs/cgroup), so the PM pays
+for everything QEMU does, migration included, as dom0 pays in the thesis' Xen. Only the vCPU
+threads move on into the VM's own cgroup, capped at vcpus/cores of the PM's capacity, which is
+what a k-vCPU guest gets on an N-core host. Guests boot Debian's kernel with the initramfs the
+`qemu` role builds; its init serves the workload channel on the serial console (see
+roles/qemu/files/guest-init), which the host reads and timestamps here.
+
+Migration is QEMU's own, over TCP between the PMs' addresses on the lab network. The link's
+shaping decides the bandwidth: QEMU's 128 MiB/s default cap is lifted, never used to fake a
+rate. Every figure in a MigrationRecord comes from `query-migrate`, QMP event timestamps or
+the host clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from qemu.qmp import ConnectError, EventListener, QMPClient
+
+from testbed.drivers.base import (
+    CpuUse,
+    Host,
+    MigrationMode,
+    MigrationRecord,
+    VMInfo,
+    VMSpec,
+    WorkloadRun,
+)
+
+STATE_DIR = Path("/var/lib/testbed/vms")
+IMAGE_DIR = Path("/var/lib/testbed/images/qemu")
+QEMU = "qemu-system-x86_64"
+CFS_PERIOD_US = 100_000
+#: The guest (kernel + initramfs unpacked in RAM) hangs silently at 64 MB; 96 MB boots.
+MIN_MEMORY_MB = 96
+#: Controllers the QEMU process joins on its PM (those the PM has).
+HOST_CONTROLLERS = ("cpu", "cpuacct", "memory", "freezer")
+#: Controllers of the VM's own cgroup, which holds the vCPU threads.
+VM_CONTROLLERS = ("cpu", "cpuacct")
+#: Far above any lab link: the shaped link, not QEMU, must set the migration rate.
+UNCAPPED_BYTES_PER_S = 100 * 2**30
+_WORD = re.compile(r"^[A-Za-z0-9._/=:,+-]+$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,40}$")
+
+
+class QemuError(RuntimeError):
+    """A VM could not be started, reached or stopped; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class _Instance:
+    """The files of one QEMU process of a VM on one PM (a migration briefly has two)."""
+
+    vm_dir: Path
+    host: str
+
+    @property
+    def qmp(self) -> Path:
+        return self.vm_dir / f"{self.host}.qmp"
+
+    @property
+    def serial(self) -> Path:
+        return self.vm_dir / f"{self.host}.serial"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.vm_dir / f"{self.host}.pid"
+
+    @property
+    def log(self) -> Path:
+        return self.vm_dir / f"{self.host}.log"
+
+    @property
+    def console_log(self) -> Path:
+        return self.vm_dir / "console.log"
+
+    def pid(self) -> int | None:
+        try:
+            return int(self.pidfile.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def alive(self) -> bool:
+        return _alive(self.pid())
+
+    def remove_files(self) -> None:
+        for path in (self.qmp, self.serial, self.pidfile, self.log):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int | None) -> bool:
+    """Whether a QEMU process still runs (a zombie awaiting its reaper counts as gone)."""
+    if pid is None:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state != "Z" and b"qemu" in cmdline
+
+
+class _Console:
+    """The host end of a VM's serial console: timestamps the guest's `@` lines on arrival.
+
+    During a migration it holds connections to both QEMU processes' consoles, so no line is
+    lost whichever side the guest runs on when it writes; commands go to the one where the VM
+    lives (vm.json). It also watches the VM's directory for a new QEMU's console, so that it
+    follows the VM when another process (a Local Controller) migrates it. One process at a
+    time holds a VM's console (QEMU serves one client): the one that created the VM or started
+    its workloads; a driver that only migrates never connects.
+    """
+
+    def __init__(self, vm: str, vm_dir: Path) -> None:
+        self.vm = vm
+        self.vm_dir = vm_dir
+        self.runs: dict[str, WorkloadRun] = {}
+        self.ready_lines = 0  # "@ready" seen: more than one means the guest rebooted
+        self.pongs = 0
+        self._cond = threading.Condition()
+        self._selector = selectors.DefaultSelector()
+        self._sockets: dict[Path, socket.socket] = {}
+        self._buffers: dict[int, bytes] = {}
+        self._primary: Path | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name=f"console-{vm}", daemon=True)
+        self._thread.start()
+
+    def attach(self, path: Path, primary: bool) -> None:
+        with self._cond:
+            if path in self._sockets:
+                if primary:
+                    self._primary = path
+                return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        with self._cond:
+            self._sockets[path] = sock
+            self._buffers[sock.fileno()] = b""
+            self._selector.register(sock, selectors.EVENT_READ, path)
+            if primary:
+                self._primary = path
+
+    def make_primary(self, path: Path) -> None:
+        with self._cond:
+            self._primary = path
+
+    def detach(self, path: Path) -> None:
+        with self._cond:
+            sock = self._sockets.pop(path, None)
+            if sock is not None:
+                self._selector.unregister(sock)
+                self._buffers.pop(sock.fileno(), None)
+                sock.close()
+            if self._primary == path:
+                self._primary = None
+
+    def close(self) -> None:
+        for path in list(self._sockets):
+            self.detach(path)
+        self._stop = True
+        self._thread.join(timeout=2)
+
+    def send(self, line: str) -> None:
+        with self._cond:
+            if self._primary is None:
+                raise QemuError(f"VM {self.vm}: console not connected")
+            self._sockets[self._primary].setblocking(True)
+            self._sockets[self._primary].sendall(line.encode() + b"\n")
+            self._sockets[self._primary].setblocking(False)
+
+    def wait(self, predicate, timeout_s: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(predicate, timeout=timeout_s)
+
+    def _follow(self) -> None:
+        """Connect to any new QEMU console of the VM and send commands where the VM lives."""
+        for path in self.vm_dir.glob("*.serial"):
+            if path not in self._sockets:
+                with contextlib.suppress(OSError):  # a QEMU that is gone or not listening yet
+                    self.attach(path, primary=False)
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            home = self.vm_dir / f"{json.loads((self.vm_dir / 'vm.json').read_text())['host']}.serial"
+            if home in self._sockets and self._primary != home:
+                self.make_primary(home)
+
+    def _loop(self) -> None:
+        while not self._stop:
+            self._follow()
+            if not self._sockets:
+                time.sleep(0.05)
+                continue
+            try:
+                ready = self._selector.select(timeout=0.05)
+            except (OSError, ValueError):
+                continue
+            now = time.time()
+            for key, _ in ready:
+                self._read(key.fileobj, key.data, now)
+
+    def _read(self, sock: socket.socket, path: Path, now: float) -> None:
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        with self._cond:
+            if not data:  # that QEMU process ended
+                if path in self._sockets:
+                    self.detach(path)
+                return
+            buffer = self._buffers.get(sock.fileno(), b"") + data
+            *lines, rest = buffer.split(b"\n")
+            self._buffers[sock.fileno()] = rest
+            for raw in lines:
+                self._handle(raw.decode(errors="replace").strip("\r"), now)
+            self._cond.notify_all()
+
+    def _handle(self, line: str, now: float) -> None:
+        if line == "@ready":
+            self.ready_lines += 1
+        elif line == "@pong":
+            self.pongs += 1
+        elif line.startswith("@") and " " in line:
+            workload_id, _, rest = line[1:].partition(" ")
+            run = self.runs.get(workload_id)
+            if run is None:
+                return
+            kind, _, text = rest.partition(" ")
+            if kind == "start":
+                run.start = now
+            elif kind == "out":
+                run.output.append((now, text))
+            elif kind == "end":
+                run.end = now
+                run.exit_status = int(text) if text.lstrip("-").isdigit() else None
+
+
+class QemuDriver:
+    """The Driver protocol (testbed.drivers.base) for QEMU VMs on the given PMs."""
+
+    technique = "qemu"
+
+    def __init__(
+        self,
+        hosts: Iterable[Host],
+        *,
+        state_dir: Path = STATE_DIR,
+        image_dir: Path = IMAGE_DIR,
+        accel: str | None = None,
+        boot_timeout_s: float = 120.0,
+        migration_timeout_s: float = 300.0,
+    ) -> None:
+        self._hosts = {h.name: h for h in hosts}
+        self.state_dir = state_dir
+        self.image_dir = image_dir
+        self.accel = accel or _probed_accel(image_dir)
+        self.boot_timeout_s = boot_timeout_s
+        self.migration_timeout_s = migration_timeout_s
+        self._consoles: dict[str, _Console] = {}
+        self._children: list[subprocess.Popen] = []  # QEMU processes this driver started
+
+    # --- inventory -------------------------------------------------------------------------
+
+    def hosts(self) -> list[Host]:
+        return list(self._hosts.values())
+
+    def list_vms(self) -> list[VMInfo]:
+        self._reap()
+        if not self.state_dir.is_dir():
+            return []
+        return [self._info(p.parent.name) for p in sorted(self.state_dir.glob("*/vm.json"))]
+
+    def _info(self, vm: str) -> VMInfo:
+        spec, host = self._load(vm)
+        return VMInfo(vm, host, spec, self._instance(vm, host).alive())
+
+    def _host(self, name: str) -> Host:
+        try:
+            return self._hosts[name]
+        except KeyError:
+            raise QemuError(f"unknown PM {name!r} (known: {', '.join(self._hosts)})") from None
+
+    def _vm_dir(self, vm: str) -> Path:
+        return self.state_dir / vm
+
+    def _instance(self, vm: str, host: str) -> _Instance:
+        return _Instance(self._vm_dir(vm), host)
+
+    def _load(self, vm: str) -> tuple[VMSpec, str]:
+        try:
+            state = json.loads((self._vm_dir(vm) / "vm.json").read_text())
+        except FileNotFoundError:
+            raise QemuError(f"unknown VM {vm!r}") from None
+        return VMSpec(**state["spec"]), state["host"]
+
+    def _save(self, spec: VMSpec, host: str) -> None:
+        path = self._vm_dir(spec.name) / "vm.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"spec": asdict(spec), "host": host}))
+        tmp.replace(path)  # atomic: a reader never sees half a location
+
+    # --- CPU ---------------------------------------------------------------------------------
+
+    def cpu_use(self, interval_s: float) -> CpuUse:
+        # The state directory is shared: VMs on PMs this driver does not place on are not its.
+        placed = [(info.name, self._hosts[info.host]) for info in self.list_vms()
+                  if info.running and info.host in self._hosts]
+        before_h = {h.name: _cpuacct_ns(h.cgroup("cpuacct")) for h in self._hosts.values()}
+        before_v = {vm: _cpuacct_ns(host.cgroup("cpuacct") / vm) for vm, host in placed}
+        t0 = time.monotonic()
+        time.sleep(interval_s)
+        elapsed = time.monotonic() - t0
+        hosts = {
+            h.name: _percent(_cpuacct_ns(h.cgroup("cpuacct")) - before_h[h.name], elapsed, h.capacity)
+            for h in self._hosts.values()
+        }
+        vms = {
+            vm: _percent(_cpuacct_ns(host.cgroup("cpuacct") / vm) - before_v[vm], elapsed, host.capacity)
+            for vm, host in placed
+        }
+        return CpuUse(elapsed, hosts, vms)
+
+    # --- life cycle --------------------------------------------------------------------------
+
+    def create_vm(self, spec: VMSpec, host: str) -> VMInfo:
+        if not _NAME.match(spec.name):
+            raise QemuError(f"VM name {spec.name!r}: letters, digits, '-' and '_' only")
+        if spec.memory_mb < MIN_MEMORY_MB or spec.vcpus < 1:
+            raise QemuError(f"VM {spec.name}: memory_mb must be >= {MIN_MEMORY_MB} and vcpus >= 1")
+        pm = self._host(host)
+        vm_dir = self._vm_dir(spec.name)
+        if (vm_dir / "vm.json").exists():
+            raise QemuError(f"VM {spec.name} already exists (destroy it first)")
+        vm_dir.mkdir(parents=True, exist_ok=True)
+        spec = self._with_disk(spec)
+        self._save(spec, host)
+        instance = self._instance(spec.name, host)
+        try:
+            self._launch(spec, pm, instance, incoming=False)
+            # Boot is no part of any experiment: it runs under the PM's cap only, and the
+            # VM's own cap (vcpus/cores of the PM) applies from the moment the guest is ready.
+            asyncio.run(self._confine_vcpus(spec, pm, instance))
+            _set_quota(pm.cgroup("cpu") / spec.name, pm.capacity)
+            self._wait_ready(self._console(spec.name))
+            _set_quota(pm.cgroup("cpu") / spec.name, spec.vcpus / pm.cores * pm.capacity)
+        except BaseException:
+            self.destroy_vm(spec.name)
+            raise
+        return self._info(spec.name)
+
+    def _with_disk(self, spec: VMSpec) -> VMSpec:
+        """A VM without a disk URL gets a small qcow2 next to its state (shared in the lab)."""
+        if spec.disk is not None:
+            return spec
+        disk = self._vm_dir(spec.name) / "disk.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "256M"], check=True)
+        return VMSpec(spec.name, spec.memory_mb, spec.vcpus, str(disk))
+
+    def destroy_vm(self, vm: str) -> None:
+        vm_dir = self._vm_dir(vm)
+        if not vm_dir.is_dir():
+            return
+        console = self._consoles.pop(vm, None)
+        if console is not None:
+            console.close()
+        for pidfile in vm_dir.glob("*.pid"):
+            self._stop_instance(vm, self._host(pidfile.stem))
+        shutil.rmtree(vm_dir, ignore_errors=True)
+
+    def _stop_instance(self, vm: str, host: Host) -> None:
+        """Quit one QEMU process of the VM (SIGKILL if QMP fails) and remove its traces."""
+        instance = self._instance(vm, host.name)
+        pid = instance.pid()
+        if _alive(pid):
+            with contextlib.suppress(Exception):
+                asyncio.run(asyncio.wait_for(_quit(instance.qmp), timeout=5))
+            if not _wait_gone(pid, 5) and pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                _wait_gone(pid, 5)
+        instance.remove_files()
+        for controller in VM_CONTROLLERS:
+            _remove_cgroup(host.cgroup(controller) / vm)
+
+    def _qemu_argv(self, spec: VMSpec, host: Host, instance: _Instance, incoming: bool) -> list[str]:
+        argv = [
+            QEMU,
+            "-name", f"{spec.name},debug-threads=on",
+            "-machine", f"pc,accel={self.accel}",
+            "-m", str(spec.memory_mb),
+            "-smp", str(spec.vcpus),
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", str(self.image_dir / "vmlinux"),
+            "-initrd", str(self.image_dir / "initramfs.cpio"),
+            "-append", "console=ttyS0 quiet panic=-1",
+            "-chardev", (f"socket,id=console,path={instance.serial},server=on,wait=off,"
+                        f"logfile={instance.console_log},logappend=on"),
+            "-serial", "chardev:console",
+            "-qmp", f"unix:{instance.qmp},server=on,wait=off",
+            "-drive", f"file={spec.disk},format=qcow2,if=none,id=disk0",
+            "-device", "virtio-blk-pci,drive=disk0",
+            "-pidfile", str(instance.pidfile),
+        ]
+        if incoming:
+            argv += ["-incoming", "defer"]
+        if host.netns is not None:
+            argv = ["ip", "netns", "exec", host.netns, *argv]
+        return argv
+
+    def _launch(self, spec: VMSpec, host: Host, instance: _Instance, incoming: bool) -> None:
+        """Start QEMU on the PM: in its cgroups first, then in its namespace (see module doc).
+
+        QEMU stays this process's child (no -daemonize, whose double fork leaves the process
+        to whichever ancestor reaps orphans: an unreaped zombie keeps its cgroups busy), in a
+        session of its own so that it outlives a terminal or a test run's process group.
+        """
+        for controller in ("cpu", "cpuacct"):
+            if not host.cgroup(controller).is_dir():
+                raise QemuError(f"PM {host.name}: cgroup {host.cgroup(controller)} does not exist")
+        procs = [host.cgroup(c) / "cgroup.procs" for c in HOST_CONTROLLERS if host.cgroup(c).is_dir()]
+        self._reap()
+        instance.remove_files()
+        with instance.log.open("w") as log:
+            process = subprocess.Popen(
+                [*_in_cgroups(procs), *self._qemu_argv(spec, host, instance, incoming)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._children.append(process)
+        deadline = time.monotonic() + 30
+        while not (instance.qmp.exists() and instance.pidfile.exists()):
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                raise QemuError(f"VM {spec.name}: QEMU did not start on {host.name}: "
+                                f"{instance.log.read_text().strip()}")
+            time.sleep(0.01)
+
+    def _reap(self) -> None:
+        """Collect the exit status of QEMU processes this driver started and another process
+        (a Local Controller, a test) stopped, so that none lingers as a zombie."""
+        self._children = [child for child in self._children if child.poll() is None]
+
+    async def _confine_vcpus(self, spec: VMSpec, host: Host, instance: _Instance) -> None:
+        """Move the vCPU threads into the VM's cgroup, capped at vcpus/cores of the PM."""
+        async with _qmp(instance.qmp) as qmp:
+            cpus = await qmp.execute("query-cpus-fast")
+        for controller in VM_CONTROLLERS:
+            group = host.cgroup(controller) / spec.name
+            group.mkdir(exist_ok=True)
+            if controller == "cpu":
+                _set_quota(group, spec.vcpus / host.cores * host.capacity)
+            for cpu in cpus:
+                (group / "tasks").write_text(str(cpu["thread-id"]))
+
+    # --- the workload channel ----------------------------------------------------------------
+
+    def _console(self, vm: str) -> _Console:
+        """The VM's console, connected to the QEMU process where the VM runs now."""
+        console = self._consoles.get(vm)
+        if console is None:
+            _, host = self._load(vm)
+            console = _Console(vm, self._vm_dir(vm))
+            console.attach(self._instance(vm, host).serial, primary=True)
+            self._consoles[vm] = console
+        return console
+
+    def _wait_ready(self, console: _Console) -> None:
+        """Wait until the guest's init serves the console (asks with `ping` until it answers)."""
+        deadline = time.monotonic() + self.boot_timeout_s
+        while time.monotonic() < deadline:
+            console.send("ping")
+            if console.wait(lambda: console.ready_lines or console.pongs, timeout_s=1.0):
+                return
+        raise QemuError(f"VM {console.vm}: guest not ready after {self.boot_timeout_s:.0f} s")
+
+    def start_workload(self, vm: str, argv: list[str]) -> WorkloadRun:
+        bad = [word for word in argv if not _WORD.match(word)]
+        if not argv or bad:
+            raise QemuError(f"VM {vm}: workload argv must be plain words, not {bad or argv}")
+        console = self._console(vm)
+        run = WorkloadRun(vm, uuid.uuid4().hex[:8], tuple(argv))
+        with console._cond:
+            console.runs[run.id] = run
+        console.send(" ".join(["run", run.id, *argv]))
+        if not console.wait(lambda: run.start is not None, timeout_s=120):
+            raise QemuError(f"VM {vm}: workload {argv[0]} did not start within 120 s")
+        return run
+
+    def workload(self, vm: str, workload_id: str) -> WorkloadRun:
+        try:
+            return self._console(vm).runs[workload_id]
+        except KeyError:
+            raise QemuError(f"VM {vm}: no workload {workload_id}") from None
+
+    def wait_workload(self, vm: str, workload_id: str, timeout_s: float) -> WorkloadRun:
+        run = self.workload(vm, workload_id)
+        self._console(vm).wait(lambda: run.finished, timeout_s=timeout_s)
+        return run
+
+    def reboots(self, vm: str) -> int:
+        """Times the guest booted again after its first boot (a restarted VM is not a migrated one)."""
+        return max(0, self._console(vm).ready_lines - 1)
+
+    # --- migration ---------------------------------------------------------------------------
+
+    def migrate(self, vm: str, destination: str, mode: MigrationMode, *,
+                compression: str | None = None) -> MigrationRecord:
+        """Migrate in `mode`; `compression` ("zstd" or "zlib") sends the memory over QEMU's
+        multifd channels compressed (not with post-copy, which QEMU 7.2 cannot combine)."""
+        mode = MigrationMode(mode)
+        spec, source = self._load(vm)
+        if destination == source:
+            raise QemuError(f"VM {vm} already runs on {destination}")
+        if compression not in (None, "zstd", "zlib"):
+            raise QemuError(f"compression {compression!r}: QEMU offers zstd or zlib")
+        if compression and mode is MigrationMode.POSTCOPY:
+            raise QemuError("compression: QEMU 7.2 cannot combine multifd compression with post-copy")
+        src_host, dst_host = self._host(source), self._host(destination)
+        return asyncio.run(_Migration(self, spec, src_host, dst_host, mode, compression).run())
+
+    def _adopt(self, spec: VMSpec, source: Host, destination: Host) -> None:
+        """After a migration: the destination is the VM's home; the source process goes."""
+        self._save(spec, destination.name)
+        console = self._consoles.get(spec.name)
+        if console is not None:
+            console.make_primary(self._instance(spec.name, destination.name).serial)
+            console.detach(self._instance(spec.name, source.name).serial)
+        self._stop_instance(spec.name, source)
+
+    def _abandon(self, spec: VMSpec, destination: Host) -> None:
+        """After a failed migration: remove the destination's process and traces."""
+        console = self._consoles.get(spec.name)
+        if console is not None:
+            console.detach(self._instance(spec.name, destination.name).serial)
+        self._stop_instance(spec.name, destination)
+
+
+class _Failed(Exception):
+    """A migration QEMU ended without success; carries QEMU's last `query-migrate`."""
+
+    def __init__(self, reason: str, info: dict) -> None:
+        super().__init__(reason)
+        self.info = info
+
+
+class _Migration:
+    """One migration, step by step; every failure ends in `_fail` with the VM on the source."""
+
+    def __init__(self, driver: QemuDriver, spec: VMSpec, source: Host, destination: Host,
+                 mode: MigrationMode, compression: str | None) -> None:
+        self.driver = driver
+        self.compression = compression
+        self.spec = spec
+        self.source = source
+        self.destination = destination
+        self.mode = mode
+        self.src = driver._instance(spec.name, source.name)
+        self.dst = driver._instance(spec.name, destination.name)
+        self.start = time.time()
+        self.phases: dict[str, float] = {}
+        self.wire_bytes: int | None = None
+        self.stopped_source = False
+
+    async def run(self) -> MigrationRecord:
+        try:
+            return await asyncio.wait_for(self._migrate(), timeout=self.driver.migration_timeout_s)
+        except _Failed as failed:
+            return await self._fail(str(failed), failed.info)
+        except TimeoutError:
+            return await self._fail(f"timed out after {self.driver.migration_timeout_s:.0f} s", {})
+        except Exception as err:  # noqa: BLE001 - every failure becomes a failed record
+            return await self._fail(str(err) or type(err).__name__, {})
+
+    async def _migrate(self) -> MigrationRecord:
+        postcopy = self.mode is MigrationMode.POSTCOPY
+        t = time.time()
+        self.driver._launch(self.spec, self.destination, self.dst, incoming=True)
+        await self.driver._confine_vcpus(self.spec, self.destination, self.dst)
+        console = self.driver._consoles.get(self.spec.name)
+        if console is not None:  # this process holds the console: follow the VM at once
+            console.attach(self.dst.serial, primary=False)
+        async with _qmp(self.src.qmp) as src, _qmp(self.dst.qmp) as dst:
+            src_events = _listen(src, "STOP")
+            dst_events = _listen(dst, "RESUME")
+            capabilities = {"capabilities": [
+                {"capability": "postcopy-ram", "state": postcopy},
+                {"capability": "multifd", "state": self.compression is not None},
+            ]}
+            compression = {"multifd-compression": self.compression or "none"}
+            for side in (dst, src):
+                await side.execute("migrate-set-capabilities", capabilities)
+                await side.execute("migrate-set-parameters", compression)
+            await dst.execute("migrate-incoming", {"uri": f"tcp:{self.destination.address}:0"})
+            port = await _incoming_port(dst)
+            await src.execute("migrate-set-parameters", {"max-bandwidth": UNCAPPED_BYTES_PER_S})
+            self.phases["prepare_s"] = time.time() - t
+
+            # The migration proper starts here, with the source's first step (a `stop` in
+            # stop-and-copy), so that total time and downtime share one origin.
+            sent_before = _tx_bytes(self.source)
+            self.start = t = time.time()
+            if self.mode is MigrationMode.STOPCOPY:
+                await src.execute("stop")
+                self.stopped_source = True
+            await src.execute("migrate", {"uri": f"tcp:{self.destination.address}:{port}"})
+            if postcopy:
+                await src.execute("migrate-start-postcopy")
+            info = await _wait_migration(src)
+            self.phases["transfer_s"] = time.time() - t
+            self.wire_bytes = _tx_bytes(self.source) - sent_before
+            if info["status"] != "completed":
+                raise _Failed(info.get("error-desc", f"migration {info['status']}"), info)
+
+            t = time.time()
+            await _wait_left_inmigrate(dst)
+            if self.mode is MigrationMode.STOPCOPY:
+                await dst.execute("cont")
+            resumed = await _event_time(dst_events, timeout_s=30)
+            running = time.time()
+            self.phases["resume_s"] = running - t
+            stopped = _first_time(src_events)
+        return self._record("completed", info, running, stopped, resumed, error=await self._adopt())
+
+    async def _adopt(self) -> str | None:
+        """Make the destination the VM's home; a failure to clean the source up is reported
+        in the record, never turned into a failed migration (the VM runs at the destination)."""
+        try:
+            await asyncio.to_thread(self.driver._adopt, self.spec, self.source, self.destination)
+        except (QemuError, OSError) as err:
+            return f"migrated, but cleaning up the source failed: {err}"
+        return None
+
+    def _record(self, status: str, info: dict, end: float, stopped: float | None,
+                resumed: float | None, error: str | None = None) -> MigrationRecord:
+        ram = info.get("ram", {})
+        downtime = None if stopped is None or resumed is None else max(0.0, resumed - stopped)
+        return MigrationRecord(
+            vm=self.spec.name,
+            source=self.source.name,
+            destination=self.destination.name,
+            mode=self.mode,
+            start=self.start,
+            status=status,
+            total_time_s=end - self.start,
+            downtime_s=downtime,
+            bytes=int(ram.get("transferred", 0)),
+            rounds=int(ram.get("dirty-sync-count", 0)),
+            phases=dict(self.phases),
+            error=error,
+            details={
+                "qemu_total_time_ms": info.get("total-time"),
+                "qemu_downtime_ms": info.get("downtime"),
+                "qemu_setup_time_ms": info.get("setup-time"),
+                "ram_total_bytes": ram.get("total"),
+                "ram_normal_pages": ram.get("normal"),
+                "ram_zero_pages": ram.get("duplicate"),
+                "precopy_bytes": ram.get("precopy-bytes"),
+                "downtime_bytes": ram.get("downtime-bytes"),
+                "postcopy_bytes": ram.get("postcopy-bytes"),
+                "postcopy_requests": ram.get("postcopy-requests"),
+                "memory_mb": self.spec.memory_mb,
+                "compression": self.compression,
+                # What the source PM's lab interface sent meanwhile (all its traffic): with
+                # compression the only measure of the wire, as QEMU counts payload bytes.
+                "wire_bytes": self.wire_bytes,
+            },
+        )
+
+    async def _fail(self, reason: str, info: dict) -> MigrationRecord:
+        """Leave the VM running on the source and nothing on the destination.
+
+        Called with no QMP session open: QEMU's monitor serves one client at a time. If the
+        source had already completed the migration, the VM lives at the destination: it stays
+        there (a source resumed now would run a stale copy beside it).
+        """
+        moved = False
+        with contextlib.suppress(Exception):
+            async with _qmp(self.src.qmp) as src:
+                status = (await src.execute("query-migrate")).get("status")
+                moved = status == "completed" and self.dst.alive()
+                if status in ("setup", "active", "pre-switchover", "device"):
+                    await src.execute("migrate_cancel")
+                    await _wait_migration(src)
+                if not moved and (self.stopped_source
+                                  or (await src.execute("query-status"))["status"] != "running"):
+                    await src.execute("cont")
+        if moved:
+            return await self._keep_destination(reason, info)
+        try:
+            await asyncio.to_thread(self.driver._abandon, self.spec, self.destination)
+        except QemuError as err:
+            reason = f"{reason}; cleaning up the destination: {err}"
+        return self._record("failed", info, time.time(), None, None, error=reason)
+
+    async def _keep_destination(self, reason: str, info: dict) -> MigrationRecord:
+        with contextlib.suppress(Exception):
+            async with _qmp(self.dst.qmp) as dst:
+                if (await dst.execute("query-status"))["status"] != "running":
+                    await dst.execute("cont")
+        cleanup = await self._adopt()
+        error = f"completed, but {reason}" + (f"; {cleanup}" if cleanup else "")
+        return self._record("completed", info, time.time(), None, None, error=error)
+
+
+def _probed_accel(image_dir: Path) -> str:
+    """The accelerator the qemu role's probe found to boot a guest here (KVM can hang)."""
+    try:
+        return (image_dir / "accel").read_text().strip() or "tcg"
+    except FileNotFoundError:
+        return "tcg"
+
+
+# --- QMP helpers ------------------------------------------------------------------------------
+
+@contextlib.asynccontextmanager
+async def _qmp(path: Path) -> AsyncIterator[QMPClient]:
+    client = QMPClient(path.parent.name)
+    for attempt in range(100):  # QEMU binds the socket (the file appears) just before it listens
+        try:
+            await client.connect(str(path))
+            break
+        except ConnectError as err:
+            if not isinstance(err.exc, ConnectionRefusedError) or attempt == 99:
+                raise
+            await asyncio.sleep(0.02)
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(EOFError, ConnectionError):
+            await client.disconnect()
+
+
+async def _quit(path: Path) -> None:
+    async with _qmp(path) as qmp:
+        with contextlib.suppress(EOFError, ConnectionError):
+            await qmp.execute("quit")
+
+
+def _listen(client: QMPClient, name: str) -> EventListener:
+    listener = EventListener(name)
+    client.register_listener(listener)
+    return listener
+
+
+def _first_time(listener: EventListener) -> float | None:
+    events = listener.clear()
+    return _stamp(events[0]) if events else None
+
+
+async def _event_time(listener: EventListener, timeout_s: float) -> float | None:
+    try:
+        return _stamp(await asyncio.wait_for(listener.get(), timeout=timeout_s))
+    except TimeoutError:
+        return None
+
+
+def _stamp(event: dict) -> float:
+    """QEMU's own host-clock time of an event (when it happened, not when we read it)."""
+    return event["timestamp"]["seconds"] + event["timestamp"]["microseconds"] / 1e6
+
+
+async def _incoming_port(dst: QMPClient) -> int:
+    """The port the destination listens on (port 0 asked the kernel to pick a free one)."""
+    for _ in range(100):
+        info = await dst.execute("query-migrate")
+        for address in info.get("socket-address", []):
+            if address.get("type") == "inet":
+                return int(address["port"])
+        await asyncio.sleep(0.02)
+    raise QemuError("destination QEMU reported no listening port")
+
+
+async def _wait_migration(src: QMPClient) -> dict:
+    """Poll the source until the migration ends; returns its last `query-migrate`."""
+    while True:
+        info = await src.execute("query-migrate")
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            return info
+        await asyncio.sleep(0.02)
+
+
+async def _wait_left_inmigrate(dst: QMPClient) -> None:
+    while (await dst.execute("query-status"))["status"] == "inmigrate":
+        await asyncio.sleep(0.01)
+
+
+# --- cgroups and processes --------------------------------------------------------------------
+
+def _in_cgroups(procs: list[Path]) -> list[str]:
+    """An argv prefix that joins cgroups, then execs the rest of the argv in them (a fixed
+    script with the paths as arguments: a fork of this threaded process runs no Python)."""
+    script = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1"; shift; n=$((n-1)); done; exec "$@"'
+    return ["sh", "-ec", script, "sh", str(len(procs)), *map(str, procs)]
+
+
+def _set_quota(group: Path, cpus: float) -> None:
+    """Cap a cpu cgroup at `cpus` CPUs (CFS bandwidth: quota per period)."""
+    (group / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+    (group / "cpu.cfs_quota_us").write_text(str(max(round(cpus * CFS_PERIOD_US), 1000)))
+
+
+def _remove_cgroup(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        for _ in range(250):
+            try:
+                path.rmdir()
+                return
+            except OSError:  # EBUSY until the threads it held have exited
+                time.sleep(0.02)
+        raise QemuError(f"cgroup {path} still busy")
+
+
+def _wait_gone(pid: int | None, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while pid is not None:
+        with contextlib.suppress(ChildProcessError):  # reap it if it was ever our child
+            os.waitpid(pid, os.WNOHANG)
+        if not _alive(pid):
+            break
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _tx_bytes(host: Host) -> int:
+    """Bytes sent so far by the PM's interface that holds its lab address."""
+    prefix = ["ip", "-n", host.netns] if host.netns else ["ip"]
+    owner = json.loads(subprocess.run([*prefix, "-j", "addr", "show", "to", host.address],
+                                      capture_output=True, text=True, check=True).stdout)
+    if not owner:
+        raise QemuError(f"PM {host.name}: no interface holds {host.address}")
+    link = json.loads(subprocess.run([*prefix, "-j", "-s", "link", "show", "dev", owner[0]["ifname"]],
+                                     capture_output=True, text=True, check=True).stdout)
+    return int(link[0]["stats64"]["tx"]["bytes"])
+
+
+def _cpuacct_ns(group: Path) -> int:
+    try:
+        return int((group / "cpuacct.usage").read_text())
+    except FileNotFoundError:
+        return 0
+
+
+def _percent(delta_ns: int, elapsed_s: float, capacity: float) -> float:
+    return 100.0 * delta_ns / 1e9 / elapsed_s / capacity
+

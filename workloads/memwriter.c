@@ -1,0 +1,83 @@
+/*
+ * Memory writer: allocates SIZE_MB, writes every byte (the thesis' Allocator), then keeps
+ * rewriting that memory at RATE_MBPS for SECONDS, so that a live migration has a known
+ * dirty rate to chase. Bounded in time by SECONDS.
+ *
+ * usage: memwriter SIZE_MB RATE_MBPS SECONDS
+ *
+ * Prints "allocated N", then "written M" (total MB rewritten) once a second, then "done M".
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define TICK_NS 100000000L /* rewrite in 10 slices a second to keep the rate smooth */
+
+static double parse_number(const char *text, const char *what, double minimum)
+{
+    char *end;
+    double value = strtod(text, &end);
+    if (*end != '\0' || value < minimum) {
+        fprintf(stderr, "memwriter: %s must be a number >= %g, got '%s'\n", what, minimum, text);
+        exit(2);
+    }
+    return value;
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc != 4) {
+        fprintf(stderr, "usage: memwriter SIZE_MB RATE_MBPS SECONDS\n");
+        return 2;
+    }
+    size_t size = (size_t)parse_number(argv[1], "SIZE_MB", 1) << 20;
+    double rate = parse_number(argv[2], "RATE_MBPS", 0);
+    double seconds = parse_number(argv[3], "SECONDS", 0);
+    unsigned char *area = malloc(size);
+    if (area == NULL) {
+        fprintf(stderr, "memwriter: cannot allocate %zu bytes\n", size);
+        return 1;
+    }
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    memset(area, 1, size);
+    printf("allocated %zu\n", size >> 20);
+
+    size_t slice = (size_t)(rate * (1 << 20) / (1e9 / TICK_NS));
+    size_t offset = 0;
+    double written = 0, start = now_s(), next_report = start + 1;
+    unsigned char value = 2;
+    struct timespec due;
+    clock_gettime(CLOCK_MONOTONIC, &due);
+    while (now_s() - start < seconds) {
+        for (size_t left = slice; left > 0;) {
+            size_t chunk = size - offset < left ? size - offset : left;
+            memset(area + offset, value, chunk);
+            offset = (offset + chunk) % size;
+            if (offset == 0)
+                value++;
+            left -= chunk;
+        }
+        written += (double)slice / (1 << 20);
+        if (now_s() >= next_report) {
+            printf("written %.0f\n", written);
+            next_report += 1;
+        }
+        /* absolute deadlines: the time memset takes does not slow the rate down */
+        due.tv_nsec += TICK_NS;
+        if (due.tv_nsec >= 1000000000L) {
+            due.tv_sec++;
+            due.tv_nsec -= 1000000000L;
+        }
+        clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &due, NULL);
+    }
+    printf("done %.0f\n", written);
+    return 0;
+}
