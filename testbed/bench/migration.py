@@ -1,0 +1,182 @@
+"""`testbed bench migration`: one VM migrated PM1 -> PM2 on the lab, measured for real.
+
+The VM runs Synthetic1 (and, with --dirty-mbps, a memory writer dirtying that many MB/s), so the
+migration moves a busy guest; afterwards the bench checks that Synthetic1's block counter kept
+climbing on the destination and that the guest never booted again (`continued`). The links of
+both PMs run at --rate for the bench's duration (their lab rate is restored afterwards), and
+the record is printed as one JSON object on the last stdout line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from testbed.drivers.base import Host, MigrationMode, MigrationRecord, VMSpec, WorkloadRun, pm_hosts
+from testbed.drivers.qemu import MIN_MEMORY_MB, QemuDriver
+from testbed.errors import InputError
+from testbed.lab import DEFAULT_INVENTORY, Lab, LabHost, load_lab, parse_rate
+
+#: Synthetic1 blocks for the bench's CPU loop: far more than a bench lasts, still bounded.
+BENCH_BLOCKS = 2_000_000
+REPORT_EVERY = 100
+#: The memory writer stops by itself after this long (s), whatever happens to the bench.
+WRITER_SECONDS = 900
+#: tbf bucket as the lab_host role sizes it: 10 ms of traffic, at least 16 kB, 50 ms queue.
+TBF_BURST_S, TBF_MIN_BURST, TBF_LATENCY = 0.01, 16_000, "50ms"
+_BLOCK = re.compile(r"^block (\d+)$")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.technique == "container":
+        from testbed.bench.container_migration import run as run_container
+
+        return run_container(args)
+    if args.compress == "bzip2":
+        raise InputError("--compress bzip2: QEMU compresses migration streams with zstd only")
+    if args.memory < MIN_MEMORY_MB:
+        raise InputError(f"--memory {args.memory}: the guest needs at least {MIN_MEMORY_MB} MB")
+    if args.dirty_mbps < 0:
+        raise InputError(f"--dirty-mbps {args.dirty_mbps}: must be >= 0")
+    try:
+        parse_rate(args.rate)
+    except ValueError as err:
+        raise InputError(f"--rate: {err}") from None
+    lab = _lab(args.inventory)
+    if len(lab.pms) < 2:
+        raise InputError(f"inventory {lab.inventory}: a migration needs two PMs, it has {len(lab.pms)}")
+
+    driver = QemuDriver(pm_hosts(lab))
+    source, destination = driver.hosts()[:2]
+    vm = f"bench-{uuid.uuid4().hex[:6]}"
+    with links_at(lab, lab.pms[:2], args.rate):
+        driver.create_vm(VMSpec(vm, memory_mb=args.memory), source.name)
+        try:
+            record, continued = _migrate_busy_vm(driver, vm, destination, args)
+        finally:
+            driver.destroy_vm(vm)
+    result = record.as_dict() | {"continued": continued, "rate": args.rate,
+                                 "dirty_mbps": args.dirty_mbps, "compress": args.compress}
+    _summary(result)
+    print(json.dumps(result))
+    return 0 if record.status == "completed" and continued else 1
+
+
+def _migrate_busy_vm(driver: QemuDriver, vm: str, destination: Host,
+                     args: argparse.Namespace) -> tuple[MigrationRecord, bool]:
+    loop = driver.start_workload(vm, ["synthetic1", str(BENCH_BLOCKS), str(REPORT_EVERY)])
+    if args.dirty_mbps > 0:
+        size = max(8, args.memory // 2)
+        driver.start_workload(vm, ["memwriter", str(size), f"{args.dirty_mbps:g}", str(WRITER_SECONDS)])
+    wait_blocks(driver, loop, after=0.0, count=2)
+    compression = None if args.compress == "none" else args.compress
+    record = driver.migrate(vm, destination.name, MigrationMode(args.mode), compression=compression)
+    if record.status != "completed":
+        return record, False
+    return record, continued(driver, loop, record)
+
+
+def continued(driver: QemuDriver, run: WorkloadRun, record: MigrationRecord) -> bool:
+    """Whether Synthetic1 went on where it was: its block counter, read on the destination
+    after the migration, is above the last value read before the migration ended, and the
+    guest never booted again (a restarted workload would count from the start)."""
+    end = record.start + record.total_time_s
+    before = [n for t, n in synthetic1_blocks(run) if t <= end]
+    after = wait_blocks(driver, run, after=end, count=2)
+    return (bool(before) and len(after) >= 2 and after[0] > before[-1]
+            and after == sorted(after) and driver.reboots(run.vm) == 0)
+
+
+def synthetic1_blocks(run: WorkloadRun) -> list[tuple[float, int]]:
+    """Synthetic1's progress lines as (host time, block number)."""
+    return [(t, int(m[1])) for t, line in list(run.output) if (m := _BLOCK.match(line))]
+
+
+def wait_blocks(driver: QemuDriver, run: WorkloadRun, after: float, count: int,
+                timeout_s: float = 120) -> list[int]:
+    """Block numbers the guest reported after `after` (waits until `count` arrived)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        seen = [n for t, n in synthetic1_blocks(run) if t > after]
+        if len(seen) >= count or run.finished:
+            return seen
+        driver.wait_workload(run.vm, run.id, timeout_s=0.5)
+    return [n for t, n in synthetic1_blocks(run) if t > after]
+
+
+def _lab(inventory: str | None) -> Lab:
+    """The lab, provisioned first (`testbed lab up`'s playbooks) when its PMs or the guest
+    image are not there."""
+    from testbed.commands.lab import PLAYBOOKS, run_playbook
+    from testbed.drivers.qemu import IMAGE_DIR
+
+    path = Path(inventory) if inventory else DEFAULT_INVENTORY
+    lab = load_lab(path)
+    for playbook, ready in (("site.yml", lambda: not lab.embedded or _hosts_up(lab)),
+                            ("qemu.yml", lambda: (IMAGE_DIR / "vmlinux").exists())):
+        if not ready():
+            print(f"bench: running {playbook} on {path}", file=sys.stderr)
+            if run_playbook(PLAYBOOKS / playbook, path).rc != 0 or not ready():
+                raise InputError(f"inventory {path}: {playbook} failed; the lab is not ready")
+    return lab
+
+
+def _hosts_up(lab: Lab) -> bool:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    names = {line.split()[0] for line in listed.splitlines() if line.strip()}
+    return all(pm.name in names and pm.cgroup("cpu").is_dir() for pm in lab.pms)
+
+
+@contextmanager
+def links_at(lab: Lab, pms: tuple[LabHost, ...], rate: str) -> Iterator[None]:
+    """Shape both ends of each PM's link at `rate` (tbf, as the lab does); restore them after."""
+    ends = [(pm.veth, None) for pm in pms] + [("eth0", pm.name) for pm in pms] if lab.embedded else []
+    saved = [(dev, netns, _qdisc(dev, netns)) for dev, netns in ends]
+    try:
+        for dev, netns, _ in saved:
+            _tbf(dev, netns, parse_rate(rate), max(int(parse_rate(rate) / 8 * TBF_BURST_S), TBF_MIN_BURST),
+                 TBF_LATENCY)
+        yield
+    finally:
+        for dev, netns, qdisc in saved:
+            if qdisc and qdisc.get("kind") == "tbf":
+                opts = qdisc["options"]
+                _tbf(dev, netns, opts["rate"] * 8, opts["burst"], f"{opts['lat']}us")
+            else:
+                _tc(netns, ["qdisc", "del", "dev", dev, "root"], check=False)
+
+
+def _qdisc(dev: str, netns: str | None) -> dict | None:
+    shown = _tc(netns, ["-j", "qdisc", "show", "dev", dev])
+    roots = [q for q in json.loads(shown.stdout or "[]") if q.get("root")]
+    return roots[0] if roots else None
+
+
+def _tbf(dev: str, netns: str | None, rate_bps: int, burst: int, latency: str) -> None:
+    _tc(netns, ["qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate_bps}bit",
+                "burst", str(burst), "latency", latency])
+
+
+def _tc(netns: str | None, argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    prefix = ["tc", "-n", netns] if netns else ["tc"]
+    return subprocess.run([*prefix, *argv], check=check, capture_output=True, text=True)
+
+
+def _summary(result: dict) -> None:
+    """The figures a reader wants first, before the JSON line (on stdout, above it)."""
+    wire = result["details"].get("wire_bytes") or result["bytes"]
+    rate = wire * 8 / max(result["phases"].get("transfer_s", 0), 1e-9) / 1e6
+    downtime = result["downtime_s"]
+    print(f"{result['mode']} {result['vm']} {result['source']} -> {result['destination']} at {result['rate']}: "
+          f"{result['status']}, total {result['total_time_s']:.3f} s, downtime "
+          f"{'-' if downtime is None else f'{downtime:.3f} s'}, {result['bytes'] / 2**20:.1f} MiB of memory, "
+          f"{wire / 2**20:.1f} MiB on the wire at {rate:.1f} Mbit/s, {result['rounds']} rounds, continued={result['continued']}"
+          + (f", error: {result['error']}" if result["error"] else ""))
