@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from testbed.drivers.qemu import _in_cgroups
-
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "roles/qemu/files/build-guest.sh"
 INIT = ROOT / "roles/qemu/files/guest-init"
@@ -38,12 +36,3 @@ def test_image_is_built_once_and_rebuilt_when_an_input_changes(tmp_path: Path) -
     (workloads / "synthetic1.c").write_text((workloads / "synthetic1.c").read_text() + "\n")
     assert _build(workloads, out) == "changed"
 
-
-def test_launcher_joins_every_cgroup_before_it_execs(tmp_path: Path) -> None:
-    procs = [tmp_path / "cpu.procs", tmp_path / "cpuacct.procs"]
-    for path in procs:
-        path.write_text("")
-    done = subprocess.run([*_in_cgroups(procs), "sh", "-c", "echo $$"],
-                          capture_output=True, text=True, check=True)
-    pid = done.stdout.strip()
-    assert [p.read_text().strip() for p in procs] == [pid, pid]

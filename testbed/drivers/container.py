@@ -41,6 +41,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from testbed.drivers import cgroups
 from testbed.drivers.base import (
     CpuUse,
     Host,
@@ -50,13 +51,12 @@ from testbed.drivers.base import (
     VMSpec,
     WorkloadRun,
 )
-from testbed.drivers.qemu import _cpuacct_ns, _in_cgroups, _percent, _remove_cgroup, _set_quota
+from testbed.drivers.cgroups import CONTROLLERS
 from testbed.lab import BRIDGE
 from testbed.storage import DEFAULT_LAYOUT, StorageLayout
 
 STATE_DIR = Path("/var/lib/testbed/containers")
 WORKLOAD_SOURCES = Path(__file__).resolve().parents[2] / "workloads"
-CONTROLLERS = ("cpu", "cpuacct", "memory", "freezer")
 #: Container addresses on the lab network (198.18.0.100-.199 on the embedded lab).
 ADDRESSES = range(100, 200)
 INIT = Path(__file__).with_name("container_init.py")
@@ -179,20 +179,7 @@ class ContainerDriver:
     # --- CPU ---------------------------------------------------------------------------------
 
     def cpu_use(self, interval_s: float) -> CpuUse:
-        placed = [(info.name, info.host) for info in self.list_vms() if info.running]
-        before_h = {h.name: _cpuacct_ns(h.cgroup("cpuacct")) for h in self._hosts.values()}
-        before_v = {vm: _cpuacct_ns(self._cgroup(host, vm, "cpuacct")) for vm, host in placed}
-        t0 = time.monotonic()
-        time.sleep(interval_s)
-        elapsed = time.monotonic() - t0
-        hosts = {h.name: _percent(_cpuacct_ns(h.cgroup("cpuacct")) - before_h[h.name], elapsed, h.capacity)
-                 for h in self._hosts.values()}
-        # A container that migrated during the interval is measured in its new PM's cgroup.
-        now = {vm: self._load(vm).host for vm, _ in placed}
-        vms = {vm: _percent(max(0, _cpuacct_ns(self._cgroup(now[vm], vm, "cpuacct")) - before_v[vm]),
-                            elapsed, self._host(now[vm]).capacity)
-               for vm, _ in placed}
-        return CpuUse(elapsed, hosts, vms)
+        return cgroups.cpu_use(self, interval_s)
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -247,8 +234,8 @@ class ContainerDriver:
     def _make_cgroups(self, pm: Host, spec: VMSpec, frozen: bool) -> None:
         """The container's cgroups under a PM: vcpus/cores of its capacity, its memory size."""
         for controller in CONTROLLERS:
-            (pm.cgroup(controller) / spec.name).mkdir(exist_ok=True)
-        _set_quota(pm.cgroup("cpu") / spec.name, spec.vcpus / pm.cores * pm.capacity)
+            cgroups.create(pm.cgroup(controller) / spec.name)
+        cgroups.set_quota(pm.cgroup("cpu") / spec.name, spec.vcpus / pm.cores * pm.capacity)
         (pm.cgroup("memory") / spec.name / "memory.limit_in_bytes").write_text(str(spec.memory_mb * 2**20))
         if frozen:
             _freeze(pm.cgroup("freezer") / spec.name)
@@ -263,7 +250,7 @@ class ContainerDriver:
         env = {"PATH": f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin", "ROOTDIR": state.root_dir,
                "STATEDIR": str(self._dir(name)), "NAME": name, "SYNTHETIC1": str(bin_dir / "synthetic1"),
                "HOME": "/root"}
-        argv = [*_in_cgroups(procs), "nsenter", f"--net=/run/netns/{state.netns}",
+        argv = [*cgroups.join_then_exec(procs), "nsenter", f"--net=/run/netns/{state.netns}",
                 "unshare", "--pid", "--fork", "--mount-proc", "--mount", "--uts", "--ipc", "--kill-child",
                 "sh", "-ec", _SETUP, "sh", sys.executable, "-I", "-S", str(INIT), str(self._dir(name))]
         with open(self._dir(name) / "container.log", "ab") as log:
@@ -399,7 +386,7 @@ class _Agent:
         procs = [host.cgroup(c) / "cgroup.procs" for c in CONTROLLERS]
         self.host = host.name
         with open(log, "ab") as err:
-            self.proc = subprocess.Popen([*_in_cgroups(procs), *argv], stdin=subprocess.PIPE,
+            self.proc = subprocess.Popen([*cgroups.join_then_exec(procs), *argv], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=err, text=True)
 
     def post(self, **command: object) -> None:
@@ -636,7 +623,7 @@ class _CriuStopCopy(_StopCopy):
         """Run criu in the PM's cgroups (dump) or in the container's cgroups on it (restore)."""
         groups = ([host.cgroup(c) / "cgroup.procs" for c in pm_controllers] if pm_controllers is not None
                   else [self._cgroup(host, c) / "cgroup.procs" for c in CONTROLLERS])
-        done = subprocess.run([*_in_cgroups(groups), "criu", *argv, "--log-file", "criu.log"],
+        done = subprocess.run([*cgroups.join_then_exec(groups), "criu", *argv, "--log-file", "criu.log"],
                               capture_output=True, text=True, check=False, timeout=self.timeout_s,
                               cwd=argv[argv.index("--images-dir") + 1])
         if done.returncode != 0:
@@ -686,10 +673,9 @@ def _kill_group(freezer: Path) -> None:
 
 
 def _remove_cgroups(pm: Host, vm: str) -> None:
-    """Remove a container's cgroups under a PM (those it has there)."""
+    """Remove a container's cgroups under a PM (those it has there; none is a no-op)."""
     for controller in CONTROLLERS:
-        if (pm.cgroup(controller) / vm).is_dir():
-            _remove_cgroup(pm.cgroup(controller) / vm)
+        cgroups.remove(pm.cgroup(controller) / vm)
 
 
 def _move_tasks(source: Path, destination: Path) -> None:

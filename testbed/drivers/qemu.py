@@ -35,6 +35,7 @@ from pathlib import Path
 
 from qemu.qmp import ConnectError, EventListener, QMPClient
 
+from testbed.drivers import cgroups
 from testbed.drivers.base import (
     CpuUse,
     Host,
@@ -48,11 +49,8 @@ from testbed.drivers.base import (
 STATE_DIR = Path("/var/lib/testbed/vms")
 IMAGE_DIR = Path("/var/lib/testbed/images/qemu")
 QEMU = "qemu-system-x86_64"
-CFS_PERIOD_US = 100_000
 #: The guest (kernel + initramfs unpacked in RAM) hangs silently at 64 MB; 96 MB boots.
 MIN_MEMORY_MB = 96
-#: Controllers the QEMU process joins on its PM (those the PM has).
-HOST_CONTROLLERS = ("cpu", "cpuacct", "memory", "freezer")
 #: Controllers of the VM's own cgroup, which holds the vCPU threads.
 VM_CONTROLLERS = ("cpu", "cpuacct")
 #: Far above any lab link: the shaped link, not QEMU, must set the migration rate.
@@ -328,23 +326,7 @@ class QemuDriver:
     # --- CPU ---------------------------------------------------------------------------------
 
     def cpu_use(self, interval_s: float) -> CpuUse:
-        # The state directory is shared: VMs on PMs this driver does not place on are not its.
-        placed = [(info.name, self._hosts[info.host]) for info in self.list_vms()
-                  if info.running and info.host in self._hosts]
-        before_h = {h.name: _cpuacct_ns(h.cgroup("cpuacct")) for h in self._hosts.values()}
-        before_v = {vm: _cpuacct_ns(host.cgroup("cpuacct") / vm) for vm, host in placed}
-        t0 = time.monotonic()
-        time.sleep(interval_s)
-        elapsed = time.monotonic() - t0
-        hosts = {
-            h.name: _percent(_cpuacct_ns(h.cgroup("cpuacct")) - before_h[h.name], elapsed, h.capacity)
-            for h in self._hosts.values()
-        }
-        vms = {
-            vm: _percent(_cpuacct_ns(host.cgroup("cpuacct") / vm) - before_v[vm], elapsed, host.capacity)
-            for vm, host in placed
-        }
-        return CpuUse(elapsed, hosts, vms)
+        return cgroups.cpu_use(self, interval_s)
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -366,9 +348,9 @@ class QemuDriver:
             # Boot is no part of any experiment: it runs under the PM's cap only, and the
             # VM's own cap (vcpus/cores of the PM) applies from the moment the guest is ready.
             asyncio.run(self._confine_vcpus(spec, pm, instance))
-            _set_quota(pm.cgroup("cpu") / spec.name, pm.capacity)
+            cgroups.set_quota(pm.cgroup("cpu") / spec.name, pm.capacity)
             self._wait_ready(self._console(spec.name))
-            _set_quota(pm.cgroup("cpu") / spec.name, spec.vcpus / pm.cores * pm.capacity)
+            cgroups.set_quota(pm.cgroup("cpu") / spec.name, spec.vcpus / pm.cores * pm.capacity)
         except BaseException:
             self.destroy_vm(spec.name)
             raise
@@ -406,7 +388,7 @@ class QemuDriver:
                 _wait_gone(pid, 5)
         instance.remove_files()
         for controller in VM_CONTROLLERS:
-            _remove_cgroup(host.cgroup(controller) / vm)
+            cgroups.remove(host.cgroup(controller) / vm)
 
     def _qemu_argv(self, spec: VMSpec, host: Host, instance: _Instance, incoming: bool) -> list[str]:
         argv = [
@@ -443,12 +425,12 @@ class QemuDriver:
         for controller in ("cpu", "cpuacct"):
             if not host.cgroup(controller).is_dir():
                 raise QemuError(f"PM {host.name}: cgroup {host.cgroup(controller)} does not exist")
-        procs = [host.cgroup(c) / "cgroup.procs" for c in HOST_CONTROLLERS if host.cgroup(c).is_dir()]
+        procs = [host.cgroup(c) / "cgroup.procs" for c in cgroups.CONTROLLERS if host.cgroup(c).is_dir()]
         self._reap()
         instance.remove_files()
         with instance.log.open("w") as log:
             process = subprocess.Popen(
-                [*_in_cgroups(procs), *self._qemu_argv(spec, host, instance, incoming)],
+                [*cgroups.join_then_exec(procs), *self._qemu_argv(spec, host, instance, incoming)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -474,10 +456,9 @@ class QemuDriver:
         async with _qmp(instance.qmp) as qmp:
             cpus = await qmp.execute("query-cpus-fast")
         for controller in VM_CONTROLLERS:
-            group = host.cgroup(controller) / spec.name
-            group.mkdir(exist_ok=True)
+            group = cgroups.create(host.cgroup(controller) / spec.name)
             if controller == "cpu":
-                _set_quota(group, spec.vcpus / host.cores * host.capacity)
+                cgroups.set_quota(group, spec.vcpus / host.cores * host.capacity)
             for cpu in cpus:
                 (group / "tasks").write_text(str(cpu["thread-id"]))
 
@@ -717,7 +698,7 @@ class _Migration:
             return await self._keep_destination(reason, info)
         try:
             await asyncio.to_thread(self.driver._abandon, self.spec, self.destination)
-        except QemuError as err:
+        except (QemuError, OSError) as err:
             reason = f"{reason}; cleaning up the destination: {err}"
         return self._record("failed", info, time.time(), None, None, error=reason)
 
@@ -813,31 +794,7 @@ async def _wait_left_inmigrate(dst: QMPClient) -> None:
         await asyncio.sleep(0.01)
 
 
-# --- cgroups and processes --------------------------------------------------------------------
-
-def _in_cgroups(procs: list[Path]) -> list[str]:
-    """An argv prefix that joins cgroups, then execs the rest of the argv in them (a fixed
-    script with the paths as arguments: a fork of this threaded process runs no Python)."""
-    script = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1"; shift; n=$((n-1)); done; exec "$@"'
-    return ["sh", "-ec", script, "sh", str(len(procs)), *map(str, procs)]
-
-
-def _set_quota(group: Path, cpus: float) -> None:
-    """Cap a cpu cgroup at `cpus` CPUs (CFS bandwidth: quota per period)."""
-    (group / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
-    (group / "cpu.cfs_quota_us").write_text(str(max(round(cpus * CFS_PERIOD_US), 1000)))
-
-
-def _remove_cgroup(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        for _ in range(250):
-            try:
-                path.rmdir()
-                return
-            except OSError:  # EBUSY until the threads it held have exited
-                time.sleep(0.02)
-        raise QemuError(f"cgroup {path} still busy")
-
+# --- processes and links ---------------------------------------------------------------------
 
 def _wait_gone(pid: int | None, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
@@ -862,15 +819,4 @@ def _tx_bytes(host: Host) -> int:
     link = json.loads(subprocess.run([*prefix, "-j", "-s", "link", "show", "dev", owner[0]["ifname"]],
                                      capture_output=True, text=True, check=True).stdout)
     return int(link[0]["stats64"]["tx"]["bytes"])
-
-
-def _cpuacct_ns(group: Path) -> int:
-    try:
-        return int((group / "cpuacct.usage").read_text())
-    except FileNotFoundError:
-        return 0
-
-
-def _percent(delta_ns: int, elapsed_s: float, capacity: float) -> float:
-    return 100.0 * delta_ns / 1e9 / elapsed_s / capacity
 

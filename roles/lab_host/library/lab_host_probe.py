@@ -42,10 +42,17 @@ options:
     type: list
     elements: str
     required: true
-  netns_prefix:
-    description: Namespaces with this prefix belong to the lab even when not in C(hosts).
-    type: str
+  netns_prefixes:
+    description: Namespaces with one of these prefixes belong to the lab even when not in C(hosts)
+      (the lab's hosts and the containers the container driver plugs into the lab).
+    type: list
+    elements: str
     required: true
+  driver_state_dirs:
+    description: Directories whose entries the techniques' drivers left (a VM or container each).
+    type: list
+    elements: path
+    default: []
 """
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -149,7 +156,7 @@ def probe(params):
     hosts = params["hosts"]
     netns = sorted(p.name for p in NETNS_DIR.iterdir()) if NETNS_DIR.is_dir() else []
     names = {h["name"] for h in hosts}
-    lab_netns = sorted(n for n in netns if n in names or n.startswith(params["netns_prefix"]))
+    lab_netns = sorted(n for n in netns if n in names or n.startswith(tuple(params["netns_prefixes"])))
     links = _links()
     routes = {r["dst"]: r.get("dev") for r in _json([BIN["ip"], "-j", "route", "show"])}
     state_dir = Path(params["state_dir"])
@@ -192,6 +199,8 @@ def probe(params):
                    and _read(Path(d) / "freezer.state") not in (None, "THAWED")],
         "pids": sorted(pids - {os.getpid()}),
         "state_dir_exists": state_dir.exists(),
+        "driver_state": sorted(str(entry) for d in params["driver_state_dirs"] if Path(d).is_dir()
+                               for entry in Path(d).iterdir()),
     }
 
 
@@ -203,7 +212,8 @@ def main():
             "state_dir": {"type": "path", "required": True},
             "cgroup_parent": {"type": "str", "required": True},
             "controllers": {"type": "list", "elements": "str", "required": True},
-            "netns_prefix": {"type": "str", "required": True},
+            "netns_prefixes": {"type": "list", "elements": "str", "required": True},
+            "driver_state_dirs": {"type": "list", "elements": "path", "default": []},
         },
         supports_check_mode=True,
     )
