@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -188,9 +189,15 @@ def _read_inventory(path: Path) -> list[_RawHost]:
     return hosts
 
 
-def _validate(path: Path, raw: list[_RawHost], cores: int) -> Lab:
-    """Apply the lab's rules (the lab_host role asserts the same ones) and build the Lab."""
+def _validate(path: Path, raw: list[_RawHost], cores: float) -> Lab:
+    """Apply the lab's rules (the lab_host role asserts the same ones) and build the Lab.
+
+    The rules that come from sharing one machine (capacities within its cores, names that fit
+    an interface name) bind only the embedded lab; a real lab's PMs bring their own cores."""
     first = raw[0].vars
+    embedded = bool(first["testbed_embedded"])
+    if not embedded:
+        cores = math.inf
     where = f"inventory {path}"
     try:
         network = ipaddress.ip_network(str(first["testbed_lab_network"]))
@@ -202,7 +209,7 @@ def _validate(path: Path, raw: list[_RawHost], cores: int) -> Lab:
     seen: dict[str, str] = {}
     hosts = []
     for r in raw:
-        host = _host(f"{where}: host {r.name}", r, network, cores)
+        host = _host(f"{where}: host {r.name}", r, network, cores, embedded)
         if host.address in seen:
             raise InputError(
                 f"{where}: host {r.name}: testbed_address: {host.address} is also {seen[host.address]}'s"
@@ -223,15 +230,15 @@ def _validate(path: Path, raw: list[_RawHost], cores: int) -> Lab:
         hosts=tuple(hosts),
         network=str(network),
         gateway=gateway,
-        embedded=bool(first["testbed_embedded"]),
+        embedded=embedded,
         state_dir=Path(str(first["testbed_lab_state_dir"])),
     )
 
 
 def _host(where: str, raw: _RawHost, network: ipaddress.IPv4Network | ipaddress.IPv6Network,
-          cores: int) -> LabHost:
+          cores: float, embedded: bool) -> LabHost:
     values = raw.vars
-    if len(VETH_PREFIX + raw.name.removeprefix(HOST_PREFIX)) > IFNAMSIZ:
+    if embedded and len(VETH_PREFIX + raw.name.removeprefix(HOST_PREFIX)) > IFNAMSIZ:
         raise InputError(f"{where}: name: too long for an interface name (at most 11 characters after tb-)")
     if values["testbed_address"] is None:
         raise InputError(f"{where}: testbed_address: not set")

@@ -1,0 +1,71 @@
+#!/bin/bash
+# Boot fresh Debian 12 test hosts (tests/test_real_labs.py): each is the cached debootstrap root
+# (scripts/debian-test-root.sh) under its own overlay, booted by systemd-nspawn in its own network
+# namespace `tr-NAME` on the bridge tr-br0 (198.18.0.240-.249; this machine is 198.18.0.250 there).
+# chronyd may start (CAP_SYS_TIME: Debian's unit requires it); the tests run it with -x, so it
+# never adjusts the machine's clock. Their apt reaches Debian through apt-cacher-ng on 198.18.0.250:3142 (the machine's own mirror).
+#   up NAME=ADDRESS...   boot the hosts (fresh: any old overlay is discarded)
+#   down                 stop every test host and remove what `up` made
+set -euo pipefail
+ROOT=/var/cache/testbed/debian12-root
+STATE=/var/lib/testbed-tr
+ME=198.18.0.250
+cmd=${1:?up NAME=ADDRESS... | down}; shift
+
+down() {
+  for pidfile in "$STATE"/*/nspawn.pid; do
+    [[ -e $pidfile ]] || continue
+    pid=$(cat "$pidfile"); kill "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -9 "$pid" 2>/dev/null || true
+  done
+  [[ -e $STATE/acng.pid ]] && { kill "$(cat "$STATE/acng.pid")" 2>/dev/null || true; rm -f "$STATE/acng.pid"; }
+  for dir in "$STATE"/*/; do
+    [[ -d $dir/merged ]] || continue
+    umount -l "$dir/merged" 2>/dev/null || true
+    name=$(basename "$dir")
+    ip netns del "tr-$name" 2>/dev/null || true
+    rm -rf "$dir"
+  done
+  ip link del tr-br0 2>/dev/null || true
+}
+
+up() {
+  bash "$(dirname "$0")/debian-test-root.sh" "$ROOT"
+  down
+  mkdir -p "$STATE" /var/cache/testbed/acng
+  [[ -e $STATE/id_ed25519 ]] || ssh-keygen -q -t ed25519 -N '' -f "$STATE/id_ed25519"
+  ip link add tr-br0 type bridge && ip link set tr-br0 up
+  ip addr add "$ME/32" dev tr-br0
+  apt-cacher-ng ForeGround=1 BindAddress="$ME" Port=3142 CacheDir=/var/cache/testbed/acng \
+    LogDir="$STATE" PidFile="$STATE/acng.pid" > "$STATE/acng.out" 2>&1 &
+  for spec in "$@"; do
+    name=${spec%%=*} address=${spec#*=} dir=$STATE/${spec%%=*}
+    mkdir -p "$dir"/{upper,work,merged}
+    mount -t overlay overlay -o "lowerdir=$ROOT,upperdir=$dir/upper,workdir=$dir/work" "$dir/merged"
+    install -d -m 0700 "$dir/merged/root/.ssh"
+    install -m 0600 "$STATE/id_ed25519.pub" "$dir/merged/root/.ssh/authorized_keys"
+    echo "Acquire::http::Proxy \"http://$ME:3142\";" > "$dir/merged/etc/apt/apt.conf.d/01testbed-proxy"
+    echo "$name" > "$dir/merged/etc/hostname"
+    ip netns add "tr-$name"
+    ip link add "tr-$name" type veth peer name eth0 netns "tr-$name"
+    ip link set "tr-$name" master tr-br0 up
+    ip -n "tr-$name" addr add "$address/24" dev eth0
+    ip -n "tr-$name" link set eth0 up
+    ip -n "tr-$name" link set lo up
+    ip route add "$address/32" dev tr-br0 src "$ME"
+    systemd-nspawn --boot --register=no --keep-unit --quiet --machine="tr-$name" -D "$dir/merged" \
+      --network-namespace-path="/run/netns/tr-$name" --console=passive \
+      --capability=CAP_SYS_TIME > "$dir/console.log" 2>&1 &
+    echo $! > "$dir/nspawn.pid"
+  done
+  for spec in "$@"; do
+    address=${spec#*=}
+    for _ in $(seq 120); do
+      timeout 2 bash -c "exec 3<>/dev/tcp/$address/22 && head -c 4 <&3" 2>/dev/null | grep -q SSH && break
+      sleep 0.5
+    done
+  done
+}
+
+"$cmd" "$@"

@@ -1,0 +1,145 @@
+"""What the real-lab drivers (xen, openvz, libvirt) share: PMs reached over SSH, workloads run
+inside a VM through the PM, and a parallel per-PM read for the Local Controller's samples.
+
+A technique's driver says how to run a command inside one of its VMs from the VM's PM
+(`guest_argv`: `vzctl exec2 CTID ...` for OpenVZ, SSH to the guest for Xen and KVM); the
+workload bookkeeping is then the same for all: a constant launcher script records the start
+time, the exit status and the end time in a per-run directory inside the VM, and reads come back
+with `tail`, no shell text built from data.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from testbed.drivers.base import Host, WorkloadRun
+from testbed.drivers.ssh import Remote, SshTarget
+
+T = TypeVar("T")
+
+#: Runs "$@" detached inside the VM, recording start, output, status and end in directory $1.
+#: A constant: the workload's argv reaches it as arguments, never as shell text.
+LAUNCHER = (
+    'd=$1; shift; mkdir -p "$d" && '
+    '( date +%s.%N > "$d/start"; "$@" > "$d/output" 2>&1; echo $? > "$d/status"; '
+    'date +%s.%N > "$d/end" ) < /dev/null > /dev/null 2>&1 & echo started'
+)
+RUN_FILES = ("start", "end", "status", "output")
+WORKLOAD_ROOT = "/var/tmp/testbed-workloads"
+
+
+def parse_run_files(text: str) -> dict[str, str]:
+    """Split `tail -n +1 FILE...` output (`==> path <==` headers) into {file name: content}."""
+    files: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("==> ") and line.endswith(" <=="):
+            current = files.setdefault(Path(line[4:-4]).name, [])
+        elif current is not None:
+            current.append(line)
+    return {name: "\n".join(lines).strip("\n") for name, lines in files.items()}
+
+
+class RemoteDriverBase:
+    """PMs over SSH and workloads inside VMs; subclasses add the technique's VM operations."""
+
+    technique = "remote"
+
+    def __init__(self, hosts: Sequence[Host], key_file: Path, known_hosts: Path | None = None) -> None:
+        self._hosts = {h.name: h for h in hosts}
+        self._remotes = {h.name: Remote(SshTarget(h.address, key_file, known_hosts)) for h in hosts}
+        self._runs: dict[tuple[str, str], WorkloadRun] = {}
+
+    def hosts(self) -> list[Host]:
+        return list(self._hosts.values())
+
+    def remote(self, host: str) -> Remote:
+        return self._remotes[host]
+
+    def on_every_pm(self, read: Callable[[str], T]) -> dict[str, T]:
+        """read(host) on all PMs at once: a sample's instants differ by one SSH round trip,
+        not by one per PM."""
+        with ThreadPoolExecutor(max_workers=len(self._hosts)) as pool:
+            return dict(zip(self._hosts, pool.map(read, self._hosts)))
+
+    # --- technique-specific --------------------------------------------------------------------
+    def vm_host(self, vm: str) -> str:
+        """The PM a VM runs on."""
+        raise NotImplementedError
+
+    def guest_argv(self, vm: str, argv: Sequence[str]) -> list[str]:
+        """The command, run on the VM's PM, that runs argv inside the VM."""
+        raise NotImplementedError
+
+    # --- workloads ------------------------------------------------------------------------------
+    def start_workload(self, vm: str, argv: list[str]) -> WorkloadRun:
+        run = WorkloadRun(vm=vm, id=uuid.uuid4().hex[:12], argv=tuple(argv))
+        run_dir = f"{WORKLOAD_ROOT}/{run.id}"
+        self.remote(self.vm_host(vm)).run(
+            self.guest_argv(vm, ["sh", "-c", LAUNCHER, "launcher", run_dir, *argv])
+        )
+        self._runs[(vm, run.id)] = run
+        return self.workload(vm, run.id)
+
+    def workload(self, vm: str, workload_id: str) -> WorkloadRun:
+        run = self._runs[(vm, workload_id)]
+        run_dir = f"{WORKLOAD_ROOT}/{workload_id}"
+        # tail exits 1 while some files do not exist yet: read whatever is there.
+        _, out, _ = self.remote(self.vm_host(vm)).call(
+            self.guest_argv(vm, ["tail", "-n", "+1", *(f"{run_dir}/{name}" for name in RUN_FILES)])
+        )
+        files = parse_run_files(out)
+        now = time.time()
+        if files.get("start"):
+            run.start = float(files["start"])
+        if files.get("status"):
+            run.exit_status = int(files["status"])
+        if files.get("end"):
+            run.end = float(files["end"])
+        if "output" in files:
+            known = len(run.output)
+            run.output.extend((now, line) for line in files["output"].splitlines()[known:])
+        return run
+
+    def wait_workload(self, vm: str, workload_id: str, timeout_s: float) -> WorkloadRun:
+        deadline = time.monotonic() + timeout_s
+        run = self.workload(vm, workload_id)
+        while not run.finished and time.monotonic() < deadline:
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            run = self.workload(vm, workload_id)
+        return run
+
+
+def ssh_guest_argv(address: str, key_file: str, argv: Sequence[str]) -> list[str]:
+    """Run argv in a full-system guest (Xen, KVM) from its PM: `ssh` to the guest's address.
+    The remote shell receives argv as one shlex-quoted string, each word intact."""
+    import shlex
+
+    return [
+        "ssh",
+        "-i",
+        key_file,
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=accept-new",
+        f"root@{address}",
+        "--",
+        shlex.join(argv),
+    ]
+
+
+def parse_proc_net_dev(text: str) -> int:
+    """Bytes sent by every interface but loopback, from /proc/net/dev (the PM's side of a
+    migration's traffic: read before and after, the difference bounds what it sent)."""
+    total = 0
+    for line in text.splitlines()[2:]:
+        name, _, counters = line.partition(":")
+        if name.strip() and name.strip() != "lo":
+            total += int(counters.split()[8])  # receive has 8 fields; transmit bytes come first
+    return total

@@ -1,0 +1,128 @@
+"""Commands on a real lab's hosts over SSH (paramiko), built from argument lists.
+
+The real-lab drivers (xen, openvz, libvirt) run the technique's own tools on the PMs, where no
+local API reaches. Every command is an argv list joined with `shlex.join`, so a VM name or a path
+reaches the remote shell as one quoted word, never as shell syntax. One connection per host is
+kept open (paramiko multiplexes channels), so the Local Controller's periodic `xentop`/`vestat`
+reads do not pay an SSH handshake each time.
+"""
+
+from __future__ import annotations
+
+import shlex
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+class RemoteError(RuntimeError):
+    """A remote command exited non-zero; carries what it printed on stderr."""
+
+    def __init__(self, host: str, argv: Sequence[str], status: int, stderr: str) -> None:
+        self.host, self.argv, self.status, self.stderr = host, tuple(argv), status, stderr
+        last = stderr.strip().splitlines()[-1:] or ["no message"]
+        super().__init__(f"{host}: {argv[0]} exited {status}: {last[0]}")
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """How to reach a host: the lab's address, root, and the lab key."""
+
+    address: str
+    key_file: Path
+    known_hosts: Path | None = None
+    user: str = "root"
+    port: int = 22
+
+
+class Remote:
+    """One host reached over SSH; thread-safe (the LC samples while a migration runs)."""
+
+    def __init__(self, target: SshTarget) -> None:
+        self.target = target
+        self._client: paramiko.SSHClient | None = None
+        self._lock = threading.Lock()
+
+    def _connected(self) -> paramiko.SSHClient:
+        with self._lock:
+            transport = self._client.get_transport() if self._client else None
+            if transport is None or not transport.is_active():
+                client = paramiko.SSHClient()
+                if self.target.known_hosts and self.target.known_hosts.exists():
+                    # Read-only: load_host_keys would make paramiko rewrite ssh's file.
+                    client.get_host_keys().load(str(self.target.known_hosts))
+                client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+                client.connect(
+                    self.target.address,
+                    port=self.target.port,
+                    username=self.target.user,
+                    key_filename=str(self.target.key_file),
+                    timeout=CONNECT_TIMEOUT_S,
+                    allow_agent=False,
+                    look_for_keys=False,
+                )
+                self._client = client
+            return self._client
+
+    def run(
+        self, argv: Sequence[str], timeout_s: float = 60.0, check: bool = True, stdin: bytes | None = None
+    ) -> str:
+        """Run argv on the host and return its stdout; RemoteError when it fails (if `check`)."""
+        status, out, err = self.call(argv, timeout_s, stdin)
+        if check and status != 0:
+            raise RemoteError(self.target.address, argv, status, err)
+        return out
+
+    def call(
+        self, argv: Sequence[str], timeout_s: float = 60.0, stdin: bytes | None = None
+    ) -> tuple[int, str, str]:
+        """Run argv on the host: (exit status, stdout, stderr)."""
+        chan_in, chan_out, chan_err = self._connected().exec_command(shlex.join(argv), timeout=timeout_s)
+        if stdin is not None:
+            chan_in.write(stdin)
+        chan_in.channel.shutdown_write()
+        out = chan_out.read().decode()
+        err = chan_err.read().decode()
+        return chan_out.channel.recv_exit_status(), out, err
+
+    def stream(self, argv: Sequence[str], timeout_s: float = 3600.0) -> Iterator[tuple[float, str]]:
+        """Run argv and yield (local clock, line) for each stdout line as it arrives (stderr
+        merged), so a tool's progress messages get the time they were printed; raises
+        RemoteError at the end if the command failed."""
+        channel = self._connected().get_transport().open_session(timeout=CONNECT_TIMEOUT_S)
+        channel.set_combine_stderr(True)
+        channel.settimeout(timeout_s)
+        channel.exec_command(shlex.join(argv))
+        lines: list[str] = []
+        buffer = b""
+        for chunk in iter(lambda: channel.recv(65536), b""):
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\n")
+            for raw in complete:
+                line = raw.decode(errors="replace")
+                lines.append(line)
+                yield time.time(), line
+        if buffer:
+            lines.append(buffer.decode(errors="replace"))
+            yield time.time(), lines[-1]
+        status = channel.recv_exit_status()
+        if status != 0:
+            raise RemoteError(self.target.address, argv, status, "\n".join(lines))
+
+    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        """Write a file on the host over SFTP (a VM's config, say), no shell involved."""
+        with self._connected().open_sftp() as sftp, sftp.open(path, "wb") as handle:
+            handle.write(data)
+            handle.chmod(mode)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None

@@ -1,0 +1,317 @@
+"""The real-lab profiles: both example inventories lint, syntax-check and load as labs; the roles'
+OS checks refuse what they do not support; and (marked `lab`) the Debian 12 paths provision fresh
+Debian test hosts for real, twice, the second run changing nothing."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+EXAMPLES = ("example-2010", "example-modern")
+ENV = os.environ | {
+    "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+    "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+}
+
+
+def run(argv: list[str], timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_playbooks_and_roles_pass_ansible_lint_production() -> None:
+    proc = run([str(BIN / "ansible-lint"), "--profile", "production", "playbooks", "roles"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("inventory", EXAMPLES)
+def test_site_playbook_syntax_checks_on_each_example(inventory: str) -> None:
+    proc = run(
+        [
+            str(BIN / "ansible-playbook"),
+            "-i",
+            f"inventory/{inventory}",
+            "playbooks/site.yml",
+            "--syntax-check",
+        ]
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(("inventory", "technique"), [("example-2010", "xen"), ("example-modern", "kvm")])
+def test_examples_describe_one_controller_and_three_pms(inventory: str, technique: str) -> None:
+    proc = run([str(BIN / "ansible-inventory"), "-i", f"inventory/{inventory}", "--list"])
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    data = json.loads(proc.stdout)
+    assert data["controller"]["hosts"] == ["ctl"] and data["pms"]["hosts"] == ["pm1", "pm2", "pm3"]
+    pm1 = data["_meta"]["hostvars"]["pm1"]
+    assert pm1["testbed_embedded"] is False and pm1["testbed_technique"] == technique
+
+
+def test_the_2010_profile_bootstraps_python_26() -> None:
+    """CentOS 5's Python 2.4 is beyond every ansible-core: the 2010 inventory names EPEL's
+    python2.6 and asks for the raw bootstrap; the modern one uses Debian's python3."""
+    old = (REPO / "inventory/example-2010/group_vars/lab.yml").read_text()
+    assert "ansible_python_interpreter: /usr/bin/python2.6" in old
+    assert (
+        "testbed_python_bootstrap: true" in (REPO / "inventory/example-2010/group_vars/all.yml").read_text()
+    )
+    assert "/usr/bin/python3" in (REPO / "inventory/example-modern/group_vars/lab.yml").read_text()
+
+
+def local_pm_inventory(path: Path, technique: str) -> Path:
+    """A real-lab inventory whose one PM (and controller) is this machine, reached locally: the OS
+    checks then judge this Debian 12 machine, without touching it (they fail first)."""
+    path.write_text(
+        "[controller]\nlocal-ctl ansible_connection=local\n[pms]\nlocal-pm ansible_connection=local\n"
+        f"[all:vars]\ntestbed_embedded=false\ntestbed_technique={technique}\n"
+        f"ansible_python_interpreter={sys.executable}\n"
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("technique", "message"),
+    [
+        ("openvz", "testbed_technique openvz needs the 2010 profile (CentOS 5"),
+        ("bogus", "testbed_technique must be xen, openvz (CentOS 5), kvm or container"),
+    ],
+)
+def test_unsupported_combinations_fail_early_with_a_clear_message(
+    tmp_path: Path, technique: str, message: str
+) -> None:
+    proc = run(
+        [
+            str(BIN / "ansible-playbook"),
+            "-i",
+            str(local_pm_inventory(tmp_path / "hosts", technique)),
+            "playbooks/technique.yml",
+        ]
+    )
+    assert proc.returncode != 0 and message in proc.stdout, proc.stdout[-3000:]
+    assert "changed=0" in proc.stdout  # refused before changing anything
+
+
+def test_os_facts_names_this_debian_and_refuses_an_unlisted_os(tmp_path: Path) -> None:
+    playbook = tmp_path / "os.yml"
+    playbook.write_text(
+        "- hosts: local-pm\n  gather_facts: false\n  roles: [os_facts]\n"
+        "  post_tasks:\n    - ansible.builtin.debug: {msg: 'profile={{ os_facts_profile }}'}\n"
+    )
+    inventory = local_pm_inventory(tmp_path / "hosts", "kvm")
+    proc = run([str(BIN / "ansible-playbook"), "-i", str(inventory), str(playbook)])
+    assert proc.returncode == 0 and "profile=debian12" in proc.stdout, proc.stdout[-3000:]
+    proc = run(
+        [
+            str(BIN / "ansible-playbook"),
+            "-i",
+            str(inventory),
+            str(playbook),
+            "-e",
+            '{"os_facts_supported": {"CentOS5": "centos5"}}',
+        ]
+    )
+    assert proc.returncode != 0 and "local-pm: Debian 12 is not supported" in proc.stdout, proc.stdout[-3000:]
+
+
+# --- Fresh Debian 12 hosts, provisioned for real --------------------------------------------------
+# scripts/debian-test-hosts.sh boots the cached debootstrap root (built by
+# scripts/debian-test-root.sh when absent: ~65 s here) as systemd-nspawn hosts in namespaces tr-*.
+TEST_HOSTS = {"tr-ctl": "198.18.0.240", "tr-pm1": "198.18.0.241"}
+HOSTS_SCRIPT = REPO / "scripts" / "debian-test-hosts.sh"
+KEY = Path("/var/lib/testbed-tr/id_ed25519")
+RECAP = re.compile(
+    r"^(?P<host>\S+)\s+:\s+ok=\d+\s+changed=(?P<changed>\d+)\s+unreachable=(?P<unreachable>\d+)"
+    r"\s+failed=(?P<failed>\d+)",
+    re.MULTILINE,
+)
+
+
+def write_inventory(path: Path, technique: str) -> Path:
+    """The modern profile's settings for the test hosts (the example's addresses are a real
+    site's). chronyd runs with -x: the hosts share this machine's clock."""
+    import yaml
+
+    (path / "group_vars").mkdir(parents=True, exist_ok=True)
+    hosts = {name: {"testbed_address": address} for name, address in TEST_HOSTS.items()}
+    (path / "hosts.yml").write_text(
+        yaml.safe_dump(
+            {
+                "all": {
+                    "children": {
+                        "lab": {
+                            "children": {
+                                "controller": {"hosts": {"tr-ctl": hosts["tr-ctl"]}},
+                                "pms": {"hosts": {"tr-pm1": hosts["tr-pm1"]}},
+                            }
+                        }
+                    }
+                }
+            }
+        )
+    )
+    modern = yaml.safe_load((REPO / "inventory/example-modern/group_vars/all.yml").read_text())
+    modern |= {
+        "testbed_lab_network": "198.18.0.0/24",
+        "testbed_lab_gateway": "198.18.0.250",
+        "testbed_capacity": 0.5,
+        "testbed_technique": technique,
+        "ntp_discipline": False,
+    }
+    (path / "group_vars/all.yml").write_text(yaml.safe_dump(modern))
+    lab = yaml.safe_load((REPO / "inventory/example-modern/group_vars/lab.yml").read_text())
+    lab |= {
+        "ansible_ssh_private_key_file": str(KEY),
+        "ansible_ssh_common_args": "-o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no",
+    }
+    (path / "group_vars/lab.yml").write_text(yaml.safe_dump(lab))
+    return path
+
+
+def play(inventory: Path, *playbooks: str, check: bool = False) -> dict[str, int]:
+    """Run playbooks in order; per host, the tasks they changed in all (fails on a failure)."""
+    changed: dict[str, int] = {}
+    for playbook in playbooks:
+        proc = run(
+            [
+                str(BIN / "ansible-playbook"),
+                "-i",
+                str(inventory),
+                f"playbooks/{playbook}",
+                *(["--check"] if check else []),
+            ],
+            timeout=1200,
+        )
+        recap = {m["host"]: m for m in RECAP.finditer(proc.stdout)}
+        assert proc.returncode == 0 and recap, f"{playbook}:\n{proc.stdout[-4000:]}{proc.stderr[-2000:]}"
+        for host, match in recap.items():
+            changed[host] = changed.get(host, 0) + int(match["changed"])
+    return changed
+
+
+@pytest.fixture(scope="module")
+def debian_hosts() -> Iterator[None]:
+    missing = [tool for tool in ("debootstrap", "systemd-nspawn", "apt-cacher-ng") if not shutil.which(tool)]
+    if os.geteuid() != 0 or missing:
+        pytest.skip(f"needs root and {', '.join(missing) or 'nothing else'} (deps/apt-packages.txt)")
+    hosts = [f"{name.removeprefix('tr-')}={address}" for name, address in TEST_HOSTS.items()]
+    proc = subprocess.run(
+        ["bash", str(HOSTS_SCRIPT), "up", *hosts], capture_output=True, text=True, timeout=900, check=False
+    )
+    try:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        yield
+    finally:
+        subprocess.run(["bash", str(HOSTS_SCRIPT), "down"], capture_output=True, timeout=120, check=False)
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_debian_paths_provision_fresh_hosts_idempotently(debian_hosts: None, tmp_path: Path) -> None:
+    """common, ntp and the container and kvm techniques (criu, libvirt) on fresh Debian 12 hosts:
+    the first run changes them, the second changes nothing."""
+    for technique in ("container", "kvm"):
+        inventory = write_inventory(tmp_path / technique, technique)
+        first = play(inventory, "common.yml", "ntp.yml", "technique.yml")
+        assert first["tr-pm1"] > 0
+        assert play(inventory, "common.yml", "ntp.yml", "technique.yml") == {"tr-ctl": 0, "tr-pm1": 0}
+    pm1 = [
+        "ssh",
+        "-i",
+        str(KEY),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=error",
+        "root@" + TEST_HOSTS["tr-pm1"],
+    ]
+    state = run([*pm1, "cat /var/lib/testbed/criu-check; systemctl is-active libvirtd chrony"])
+    assert state.stdout.split() in (["ok", "active", "active"], ["fail", "active", "active"]), state
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_debian_paths_that_cannot_run_here_pass_check_mode(debian_hosts: None, tmp_path: Path) -> None:
+    """Kernel NFS (no nfsd here) and Xen (no hypervisor to boot) are covered in --check mode."""
+    inventory = write_inventory(tmp_path / "xen", "xen")
+    assert play(inventory, "common.yml", "vm_storage.yml", "technique.yml", check=True)["tr-pm1"] > 0
+
+
+ANSIBLE_2010 = Path("/var/cache/testbed/ansible-2.12")
+
+
+@pytest.mark.slow
+def test_the_pinned_ansible_core_2_12_reads_the_2010_site_playbook() -> None:
+    """The 2010 profile's own ansible-core (deps/ansible-2010.txt, built once into a cached venv)
+    parses site.yml and every role with the 2010 inventory."""
+    if not (ANSIBLE_2010 / "bin" / "ansible-playbook").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(ANSIBLE_2010)], check=True, timeout=120)
+        subprocess.run(
+            [str(ANSIBLE_2010 / "bin" / "pip"), "install", "-q", "-r", str(REPO / "deps/ansible-2010.txt")],
+            check=True,
+            timeout=600,
+        )
+    version = run([str(ANSIBLE_2010 / "bin" / "ansible-playbook"), "--version"]).stdout
+    assert version.startswith("ansible-playbook [core 2.12."), version
+    proc = run(
+        [
+            str(ANSIBLE_2010 / "bin" / "ansible-playbook"),
+            "-i",
+            "inventory/example-2010",
+            "playbooks/site.yml",
+            "--list-tasks",
+        ]
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "openvz : Install vzmigrate adapted to shared storage" in proc.stdout
+
+
+@pytest.mark.lab
+def test_remote_commands_and_workloads_on_a_debian_host(debian_hosts: None) -> None:
+    """The real-lab drivers' SSH layer on a real host: argv words arrive intact (no shell
+    interpretation), and the workload launcher records start, output, status and end."""
+    from testbed.drivers.base import Host
+    from testbed.drivers.remote_base import RemoteDriverBase
+
+    class OnThePM(RemoteDriverBase):  # the PM itself stands in for the VM
+        def vm_host(self, vm: str) -> str:
+            return "tr-pm1"
+
+        def guest_argv(self, vm: str, argv: list[str]) -> list[str]:
+            return list(argv)
+
+    driver = OnThePM([Host("tr-pm1", TEST_HOSTS["tr-pm1"], 0.5, 4)], KEY)
+    remote = driver.remote("tr-pm1")
+    assert remote.run(["printf", "%s|", "a b", "$(id)", "; echo no"]) == "a b|$(id)|; echo no|"
+    assert [line for _, line in remote.stream(["sh", "-c", "echo one; echo two >&2"])] == ["one", "two"]
+    run = driver.start_workload("vm1", ["sh", "-c", "echo started work; sleep 1; exit 3"])
+    done = driver.wait_workload("vm1", run.id, timeout_s=20)
+    assert done.finished and done.exit_status == 3 and [line for _, line in done.output] == ["started work"]
+    assert 0.9 < done.duration_s < 5
+    remote.close()
+
+
+@pytest.mark.parametrize("inventory", EXAMPLES)
+def test_real_lab_inventories_load_without_the_embedded_labs_machine_limits(inventory: str) -> None:
+    """4-CPU PMs exceed this 2-core machine, but a real lab's PMs bring their own cores."""
+    from testbed.lab import load_lab
+
+    lab = load_lab(REPO / "inventory" / inventory)
+    assert not lab.embedded
+    assert [pm.capacity for pm in lab.pms] == [4.0, 4.0, 4.0]
