@@ -35,4 +35,7 @@ def test_image_is_built_once_and_rebuilt_when_an_input_changes(tmp_path: Path) -
     assert _build(workloads, out) == "unchanged"
     (workloads / "synthetic1.c").write_text((workloads / "synthetic1.c").read_text() + "\n")
     assert _build(workloads, out) == "changed"
+    assert _build(workloads, out) == "unchanged"
+    (workloads / "workload.h").write_text((workloads / "workload.h").read_text() + "\n")
+    assert _build(workloads, out) == "changed"  # a header the workloads include is an input too
 

@@ -13,23 +13,7 @@
 #include <stdlib.h>
 #include <time.h>
 
-static double parse_number(const char *text, const char *what, double minimum)
-{
-    char *end;
-    double value = strtod(text, &end);
-    if (*end != '\0' || value < minimum) {
-        fprintf(stderr, "memcheck: %s must be a number >= %g, got '%s'\n", what, minimum, text);
-        exit(2);
-    }
-    return value;
-}
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
+#include "workload.h"
 
 static uint64_t checksum(const uint64_t *words, size_t count)
 {
@@ -45,8 +29,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "usage: memcheck SIZE_MB SECONDS\n");
         return 2;
     }
-    size_t count = ((size_t)parse_number(argv[1], "SIZE_MB", 1) << 20) / sizeof(uint64_t);
-    double seconds = parse_number(argv[2], "SECONDS", 0);
+    size_t count = ((size_t)parse_number("memcheck", argv[1], "SIZE_MB", 1) << 20) / sizeof(uint64_t);
+    double seconds = parse_number("memcheck", argv[2], "SECONDS", 0);
     uint64_t *words = malloc(count * sizeof(uint64_t));
     if (words == NULL) {
         fprintf(stderr, "memcheck: cannot allocate %s MB\n", argv[1]);

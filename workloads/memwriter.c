@@ -12,25 +12,9 @@
 #include <string.h>
 #include <time.h>
 
+#include "workload.h"
+
 #define TICK_NS 100000000L /* rewrite in 10 slices a second to keep the rate smooth */
-
-static double parse_number(const char *text, const char *what, double minimum)
-{
-    char *end;
-    double value = strtod(text, &end);
-    if (*end != '\0' || value < minimum) {
-        fprintf(stderr, "memwriter: %s must be a number >= %g, got '%s'\n", what, minimum, text);
-        exit(2);
-    }
-    return value;
-}
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 int main(int argc, char **argv)
 {
@@ -38,9 +22,9 @@ int main(int argc, char **argv)
         fprintf(stderr, "usage: memwriter SIZE_MB RATE_MBPS SECONDS\n");
         return 2;
     }
-    size_t size = (size_t)parse_number(argv[1], "SIZE_MB", 1) << 20;
-    double rate = parse_number(argv[2], "RATE_MBPS", 0);
-    double seconds = parse_number(argv[3], "SECONDS", 0);
+    size_t size = (size_t)parse_number("memwriter", argv[1], "SIZE_MB", 1) << 20;
+    double rate = parse_number("memwriter", argv[2], "RATE_MBPS", 0);
+    double seconds = parse_number("memwriter", argv[3], "SECONDS", 0);
     unsigned char *area = malloc(size);
     if (area == NULL) {
         fprintf(stderr, "memwriter: cannot allocate %zu bytes\n", size);

@@ -13,14 +13,18 @@ JSON object on the last stdout line, with `phases` (name -> seconds) and `dump_b
 from __future__ import annotations
 
 import argparse
-import json
-import uuid
 
-from testbed.bench.migration import BENCH_BLOCKS, REPORT_EVERY, WRITER_SECONDS, _lab, links_at, wait_blocks
-from testbed.drivers.base import Host, MigrationMode, MigrationRecord, VMSpec, WorkloadRun, pm_hosts
+from testbed.bench.migration import (
+    BENCH_BLOCKS,
+    REPORT_EVERY,
+    WRITER_SECONDS,
+    bench,
+    wait_blocks,
+    wait_progress,
+)
+from testbed.drivers.base import Host, MigrationMode, MigrationRecord, WorkloadRun
 from testbed.drivers.container import ContainerDriver
 from testbed.errors import InputError
-from testbed.lab import parse_rate
 
 #: The memory checker stops by itself after this long (s), whatever happens to the bench.
 CHECK_SECONDS = 900
@@ -32,30 +36,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--mode {args.mode}: containers migrate by stop-and-copy only (--mode stopcopy)")
     if args.memory < MIN_MEMORY_MB:
         raise InputError(f"--memory {args.memory}: a container needs at least {MIN_MEMORY_MB} MB")
-    if args.dirty_mbps < 0:
-        raise InputError(f"--dirty-mbps {args.dirty_mbps}: must be >= 0")
-    try:
-        parse_rate(args.rate)
-    except ValueError as err:
-        raise InputError(f"--rate: {err}") from None
-    lab = _lab(args.inventory)
-    if len(lab.pms) < 2:
-        raise InputError(f"inventory {lab.inventory}: a migration needs two PMs, it has {len(lab.pms)}")
-
-    driver = ContainerDriver(pm_hosts(lab))
-    source, destination = driver.hosts()[:2]
-    vm = f"bench-{uuid.uuid4().hex[:6]}"
-    with links_at(lab, lab.pms[:2], args.rate):
-        driver.create_vm(VMSpec(vm, memory_mb=args.memory), source.name)
-        try:
-            record, continued = _migrate_busy_container(driver, vm, destination, args)
-        finally:
-            driver.destroy_vm(vm)
-    result = record.as_dict() | {"continued": continued, "rate": args.rate, "dirty_mbps": args.dirty_mbps,
-                                 "compress": args.compress, "dump_bytes": record.details.get("dump_bytes")}
-    _summary(result)
-    print(json.dumps(result))
-    return 0 if record.status == "completed" and continued else 1
+    return bench(args, ContainerDriver, _migrate_busy_container, _summary,
+                 extra=lambda record: {"dump_bytes": record.details.get("dump_bytes")})
 
 
 def _migrate_busy_container(driver: ContainerDriver, vm: str, destination: Host,
@@ -91,13 +73,7 @@ def continued(driver: ContainerDriver, loop: WorkloadRun, check: WorkloadRun, re
 def wait_checks(driver: ContainerDriver, run: WorkloadRun, after: float, count: int,
                 timeout_s: float = 120) -> list[int]:
     """memcheck pass numbers reported after `after` (waits until `count` arrived)."""
-    driver.wait_workload(run.vm, run.id, timeout_s=0)
-    for _ in range(int(timeout_s / 0.5)):
-        seen = [n for t, n in _counts(run, "check") if t > after]
-        if len(seen) >= count or run.finished:
-            return seen
-        driver.wait_workload(run.vm, run.id, timeout_s=0.5)
-    return [n for t, n in _counts(run, "check") if t > after]
+    return wait_progress(driver, run, lambda r: _counts(r, "check"), after, count, timeout_s)
 
 
 def _counts(run: WorkloadRun, word: str) -> list[tuple[float, int]]:

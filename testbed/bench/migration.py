@@ -16,11 +16,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
-from testbed.drivers.base import Host, MigrationMode, MigrationRecord, VMSpec, WorkloadRun, pm_hosts
+from testbed.drivers.base import Driver, Host, MigrationMode, MigrationRecord, VMSpec, WorkloadRun, pm_hosts
 from testbed.drivers.qemu import MIN_MEMORY_MB, QemuDriver
 from testbed.errors import InputError
 from testbed.lab import DEFAULT_INVENTORY, Lab, LabHost, load_lab, parse_rate
@@ -33,6 +34,7 @@ WRITER_SECONDS = 900
 #: tbf bucket as the lab_host role sizes it: 10 ms of traffic, at least 16 kB, 50 ms queue.
 TBF_BURST_S, TBF_MIN_BURST, TBF_LATENCY = 0.01, 16_000, "50ms"
 _BLOCK = re.compile(r"^block (\d+)$")
+D = TypeVar("D", bound=Driver)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,6 +46,17 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--compress bzip2: QEMU compresses migration streams with zstd only")
     if args.memory < MIN_MEMORY_MB:
         raise InputError(f"--memory {args.memory}: the guest needs at least {MIN_MEMORY_MB} MB")
+    return bench(args, QemuDriver, _migrate_busy_vm, _summary)
+
+
+def bench(args: argparse.Namespace, make_driver: Callable[[list[Host]], D],
+          migrate_busy: Callable[[D, str, Host, argparse.Namespace], tuple[MigrationRecord, bool]],
+          summary: Callable[[dict], None],
+          extra: Callable[[MigrationRecord], dict[str, object]] = lambda record: {}) -> int:
+    """What every technique's bench does around its own migration (after its own option
+    checks): check the shared options, provision the lab if absent, create the VM on PM1 with
+    both PMs' links at --rate, always destroy it, and print the summary then the JSON last line
+    (the record, `continued`, the options, and the technique's `extra` fields)."""
     if args.dirty_mbps < 0:
         raise InputError(f"--dirty-mbps {args.dirty_mbps}: must be >= 0")
     try:
@@ -54,18 +67,18 @@ def run(args: argparse.Namespace) -> int:
     if len(lab.pms) < 2:
         raise InputError(f"inventory {lab.inventory}: a migration needs two PMs, it has {len(lab.pms)}")
 
-    driver = QemuDriver(pm_hosts(lab))
+    driver = make_driver(pm_hosts(lab))
     source, destination = driver.hosts()[:2]
     vm = f"bench-{uuid.uuid4().hex[:6]}"
     with links_at(lab, lab.pms[:2], args.rate):
         driver.create_vm(VMSpec(vm, memory_mb=args.memory), source.name)
         try:
-            record, continued = _migrate_busy_vm(driver, vm, destination, args)
+            record, continued = migrate_busy(driver, vm, destination, args)
         finally:
             driver.destroy_vm(vm)
     result = record.as_dict() | {"continued": continued, "rate": args.rate,
-                                 "dirty_mbps": args.dirty_mbps, "compress": args.compress}
-    _summary(result)
+                                 "dirty_mbps": args.dirty_mbps, "compress": args.compress} | extra(record)
+    summary(result)
     print(json.dumps(result))
     return 0 if record.status == "completed" and continued else 1
 
@@ -100,16 +113,23 @@ def synthetic1_blocks(run: WorkloadRun) -> list[tuple[float, int]]:
     return [(t, int(m[1])) for t, line in list(run.output) if (m := _BLOCK.match(line))]
 
 
-def wait_blocks(driver: QemuDriver, run: WorkloadRun, after: float, count: int,
+def wait_blocks(driver: Driver, run: WorkloadRun, after: float, count: int,
                 timeout_s: float = 120) -> list[int]:
     """Block numbers the guest reported after `after` (waits until `count` arrived)."""
+    return wait_progress(driver, run, synthetic1_blocks, after, count, timeout_s)
+
+
+def wait_progress(driver: Driver, run: WorkloadRun, progress: Callable[[WorkloadRun], list[tuple[float, int]]],
+                  after: float, count: int, timeout_s: float = 120) -> list[int]:
+    """The numbers of a workload's progress lines reported after `after`: waits until `count`
+    arrived, the workload ended or timeout_s passed, reading its output first so that lines
+    already there count at once."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        seen = [n for t, n in synthetic1_blocks(run) if t > after]
-        if len(seen) >= count or run.finished:
-            return seen
+    driver.wait_workload(run.vm, run.id, timeout_s=0)
+    while (len(seen := [n for t, n in progress(run) if t > after]) < count and not run.finished
+           and time.monotonic() < deadline):
         driver.wait_workload(run.vm, run.id, timeout_s=0.5)
-    return [n for t, n in synthetic1_blocks(run) if t > after]
+    return seen
 
 
 def _lab(inventory: str | None) -> Lab:

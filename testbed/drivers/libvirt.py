@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.drivers.base import CpuUse, Host, MigrationMode, MigrationRecord, VMInfo, VMSpec
-from testbed.drivers.remote_base import RemoteDriverBase, ssh_guest_argv
+from testbed.drivers.remote_base import MigrationOrder, SshGuestDriverBase
 
 # libvirt constants (libvirt-domain.h), so flag logic is testable without the binding.
 VIR_MIGRATE_LIVE = 1 << 0
@@ -61,16 +61,10 @@ def record_from_job_stats(
     if mode is MigrationMode.STOPCOPY and downtime is None:
         downtime = total * 1000  # paused for the whole migration
     phases = {"setup": stats["setup_time"] / 1000} if "setup_time" in stats else {}
-    return MigrationRecord(
-        vm=vm,
-        source=source,
-        destination=destination,
-        mode=mode,
-        start=start,
-        status="completed",
-        total_time_s=total,
+    return MigrationOrder(vm, source, destination, mode, start).record(
+        total,
         downtime_s=None if downtime is None else downtime / 1000,
-        bytes=int(stats.get("data_processed", stats.get("memory_processed", 0))),
+        bytes_sent=int(stats.get("data_processed", stats.get("memory_processed", 0))),
         rounds=int(stats.get("memory_iteration", 0)),
         phases=phases,
         details={key: stats[key] for key in sorted(stats)},
@@ -104,7 +98,7 @@ def host_busy_ns(stats: Mapping[str, int]) -> int:
     return int(stats["kernel"]) + int(stats["user"])
 
 
-class LibvirtDriver(RemoteDriverBase):
+class LibvirtDriver(SshGuestDriverBase):
     """KVM domains on the lab's PMs through each PM's libvirtd."""
 
     technique = "kvm"
@@ -120,15 +114,12 @@ class LibvirtDriver(RemoteDriverBase):
         uris: Mapping[str, str] | None = None,
         known_hosts: Path | None = None,
     ) -> None:
-        super().__init__(hosts, key_file, known_hosts)
-        self.key_file = key_file
+        super().__init__(hosts, key_file, guest_addresses, known_hosts)
         self.disk_dir, self.bridge = disk_dir, bridge
-        self.guest_addresses = dict(guest_addresses or {})
         self.uris = {
             h.name: f"qemu+ssh://root@{h.address}/system?keyfile={key_file}&no_verify=1" for h in hosts
         } | dict(uris or {})
         self._conns: dict[str, Any] = {}
-        self._specs: dict[str, VMSpec] = {}
 
     def conn(self, host: str) -> Any:
         import libvirt  # python3-libvirt (apt) on the machine running the driver
@@ -151,9 +142,6 @@ class LibvirtDriver(RemoteDriverBase):
             if info.name == vm and info.running:
                 return info.host
         raise KeyError(vm)
-
-    def guest_argv(self, vm: str, argv: Sequence[str]) -> list[str]:
-        return ssh_guest_argv(self.guest_addresses[vm], str(self.key_file), argv)
 
     def _cpu_counters(self, host: str) -> tuple[float, int, dict[str, int]]:
         conn = self.conn(host)
@@ -181,8 +169,7 @@ class LibvirtDriver(RemoteDriverBase):
     def create_vm(self, spec: VMSpec, host: str) -> VMInfo:
         disk = spec.disk or f"{self.disk_dir}/{host}/disks/{spec.name}.qcow2"
         self.conn(host).createXML(domain_xml(spec, disk, self.bridge), 0)
-        self._specs[spec.name] = spec
-        return VMInfo(spec.name, host, spec, True)
+        return self.created(spec, host)
 
     def destroy_vm(self, vm: str) -> None:
         import libvirt
@@ -220,17 +207,8 @@ class LibvirtDriver(RemoteDriverBase):
         try:
             dom.migrateToURI3(dest_uri, {}, migration_flags(mode))
         except libvirt.libvirtError as err:
-            return MigrationRecord(
-                vm=vm,
-                source=source,
-                destination=destination,
-                mode=mode,
-                start=start,
-                status="failed",
-                total_time_s=time.time() - start,
-                downtime_s=None,
-                bytes=0,
-                error=str(err),
+            return MigrationOrder(vm, source, destination, mode, start).record(
+                time.time() - start, error=str(err)
             )
         finally:
             if switcher:

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from testbed.drivers.base import CpuUse, Host, MigrationMode, MigrationRecord, VMInfo, VMSpec
-from testbed.drivers.remote_base import RemoteDriverBase, parse_proc_net_dev
-from testbed.drivers.ssh import RemoteError
+from testbed.drivers.remote_base import MigrationOrder, RemoteDriverBase, stream_migration
 
 VZMIGRATE = "/usr/local/sbin/vzmigrate-shared"
 #: vzmigrate's messages (bin/vzmigrate.in) -> the thesis' phase each one starts.
@@ -158,7 +157,6 @@ class OpenVZDriver(RemoteDriverBase):
     ) -> None:
         super().__init__(hosts, key_file, known_hosts)
         self.template, self.private_root = template, private_root
-        self._specs: dict[str, VMSpec] = {}
         self._ticks: dict[str, int] = {}
 
     def _containers(self, host: str) -> list[Container]:
@@ -231,8 +229,7 @@ class OpenVZDriver(RemoteDriverBase):
             ]
         )
         remote.run(["vzctl", "start", str(ctid)], timeout_s=300)
-        self._specs[spec.name] = spec
-        return VMInfo(spec.name, host, spec, True)
+        return self.created(spec, host)
 
     def _free_ctid(self) -> int:
         used = {c.ctid for containers in self.on_every_pm(self._containers).values() for c in containers}
@@ -251,34 +248,14 @@ class OpenVZDriver(RemoteDriverBase):
         if mode is not MigrationMode.STOPCOPY:
             raise ValueError(f"OpenVZ migrates by stop-and-copy (checkpoint/restore) only, not {mode}")
         source, container = self._find(vm)
-        remote = self.remote(source)
-        sent_before = parse_proc_net_dev(remote.run(["cat", "/proc/net/dev"]))
         argv = [VZMIGRATE, "--online", "-v", self._hosts[destination].address, str(container.ctid)]
-        start = time.time()
-        log: list[tuple[float, str]] = []
-        error = None
-        try:
-            log.extend(remote.stream(argv))
-        except RemoteError as err:
-            error = str(err)
-        total = time.time() - start
-        phases, table = parse_vzmigrate(log)
-        downtime = sum(phases.get(p, 0.0) for p in DOWNTIME_PHASES) if "suspend" in phases else None
-        return MigrationRecord(
-            vm=vm,
-            source=source,
-            destination=destination,
-            mode=mode,
-            start=start,
-            status="failed" if error else "completed",
-            total_time_s=total,
-            downtime_s=None if error else downtime,
-            bytes=parse_proc_net_dev(remote.run(["cat", "/proc/net/dev"])) - sent_before,
+        run = stream_migration(self.remote(source), argv)
+        phases, table = parse_vzmigrate(run.log)
+        return MigrationOrder(vm, source, destination, mode, run.start).record(
+            run.total_s,
+            error=run.error,
+            downtime_s=sum(phases.get(p, 0.0) for p in DOWNTIME_PHASES) if "suspend" in phases else None,
+            bytes_sent=run.sent_bytes,
             phases=phases,
-            error=error,
-            details={
-                "ctid": container.ctid,
-                "vzmigrate_times": table,
-                "log": [(round(t - start, 3), line) for t, line in log],
-            },
+            details={"ctid": container.ctid, "vzmigrate_times": table, "log": run.relative_log()},
         )

@@ -1,5 +1,7 @@
 """What the real-lab drivers (xen, openvz, libvirt) share: PMs reached over SSH, workloads run
-inside a VM through the PM, and a parallel per-PM read for the Local Controller's samples.
+inside a VM through the PM, a parallel per-PM read for the Local Controller's samples, SSH into
+full-system guests, and a migration's record (for vzmigrate and xl/xm, also the streamed,
+timed toolstack command and the bytes the source PM sent).
 
 A technique's driver says how to run a command inside one of its VMs from the VM's PM
 (`guest_argv`: `vzctl exec2 CTID ...` for OpenVZ, SSH to the guest for Xen and KVM); the
@@ -12,13 +14,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from testbed.drivers.base import Host, WorkloadRun
-from testbed.drivers.ssh import Remote, SshTarget
+from testbed.drivers.base import Host, MigrationMode, MigrationRecord, VMInfo, VMSpec, WorkloadRun
+from testbed.drivers.ssh import Remote, RemoteError, SshTarget
 
 T = TypeVar("T")
 
@@ -51,9 +54,13 @@ class RemoteDriverBase:
     technique = "remote"
 
     def __init__(self, hosts: Sequence[Host], key_file: Path, known_hosts: Path | None = None) -> None:
+        self.key_file = key_file
         self._hosts = {h.name: h for h in hosts}
         self._remotes = {h.name: Remote(SshTarget(h.address, key_file, known_hosts)) for h in hosts}
         self._runs: dict[tuple[str, str], WorkloadRun] = {}
+        #: The specs of the VMs this driver created: what was asked, where the toolstack's
+        #: listing would give only what it rounded the VM to.
+        self._specs: dict[str, VMSpec] = {}
 
     def hosts(self) -> list[Host]:
         return list(self._hosts.values())
@@ -66,6 +73,11 @@ class RemoteDriverBase:
         not by one per PM."""
         with ThreadPoolExecutor(max_workers=len(self._hosts)) as pool:
             return dict(zip(self._hosts, pool.map(read, self._hosts)))
+
+    def created(self, spec: VMSpec, host: str) -> VMInfo:
+        """Remember a VM the technique has just started on `host`, and describe it."""
+        self._specs[spec.name] = spec
+        return VMInfo(spec.name, host, spec, True)
 
     # --- technique-specific --------------------------------------------------------------------
     def vm_host(self, vm: str) -> str:
@@ -113,6 +125,95 @@ class RemoteDriverBase:
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
             run = self.workload(vm, workload_id)
         return run
+
+
+class SshGuestDriverBase(RemoteDriverBase):
+    """Full-system guests (Xen, KVM): a workload reaches its VM by SSH from the VM's PM, at the
+    guest's own address (`guest_addresses`: VM name -> address) with the lab key."""
+
+    def __init__(
+        self,
+        hosts: Sequence[Host],
+        key_file: Path,
+        guest_addresses: Mapping[str, str] | None = None,
+        known_hosts: Path | None = None,
+    ) -> None:
+        super().__init__(hosts, key_file, known_hosts)
+        self.guest_addresses = dict(guest_addresses or {})
+
+    def guest_argv(self, vm: str, argv: Sequence[str]) -> list[str]:
+        return ssh_guest_argv(self.guest_addresses[vm], str(self.key_file), argv)
+
+
+@dataclass(frozen=True)
+class MigrationOrder:
+    """A migration as ordered: the fields every record of it starts with, whatever the
+    toolstack then reports, in one place so that failed and completed records agree."""
+
+    vm: str
+    source: str
+    destination: str
+    mode: MigrationMode
+    start: float  # host clock when the migration was ordered
+
+    def record(
+        self,
+        total_time_s: float,
+        *,
+        error: str | None = None,
+        downtime_s: float | None = None,
+        bytes_sent: int = 0,
+        rounds: int = 0,
+        phases: dict[str, float] | None = None,
+        details: dict[str, object] | None = None,
+    ) -> MigrationRecord:
+        """The record; a failed migration left the VM running where it was, so it has no
+        downtime."""
+        return MigrationRecord(
+            vm=self.vm,
+            source=self.source,
+            destination=self.destination,
+            mode=self.mode,
+            start=self.start,
+            status="failed" if error else "completed",
+            total_time_s=total_time_s,
+            downtime_s=None if error else downtime_s,
+            bytes=bytes_sent,
+            rounds=rounds,
+            phases=phases or {},
+            error=error,
+            details=details or {},
+        )
+
+
+@dataclass
+class StreamedMigration:
+    """A toolstack's migration command (vzmigrate, xl/xm migrate) as run on the source PM."""
+
+    start: float  # host clock when the command started
+    total_s: float = 0.0
+    sent_bytes: int = 0  # what the source PM sent meanwhile (all interfaces but lo)
+    log: list[tuple[float, str]] = field(default_factory=list)  # (host time, line) as it arrived
+    error: str | None = None  # the command's failure; None when it exited 0
+
+    def relative_log(self) -> list[tuple[float, str]]:
+        """The log with times in seconds since the start (for a record's details)."""
+        return [(round(t - self.start, 3), line) for t, line in self.log]
+
+
+def stream_migration(remote: Remote, argv: Sequence[str]) -> StreamedMigration:
+    """Run a migration command on the source PM, stamping each output line as it arrives and
+    counting the PM's sent bytes around it; a failure is kept as the run's error, not raised
+    (the VM stays on its source and the record says so)."""
+    sent_before = parse_proc_net_dev(remote.run(["cat", "/proc/net/dev"]))
+    run = StreamedMigration(start=time.time())
+    try:
+        run.log.extend(remote.stream(argv))
+    except RemoteError as err:
+        run.error = str(err)
+    run.total_s = time.time() - run.start
+    run.sent_bytes = parse_proc_net_dev(remote.run(["cat", "/proc/net/dev"])) - sent_before
+    return run
 
 
 def ssh_guest_argv(address: str, key_file: str, argv: Sequence[str]) -> list[str]:

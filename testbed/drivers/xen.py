@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from testbed.drivers.base import CpuUse, Host, MigrationMode, MigrationRecord, VMInfo, VMSpec
-from testbed.drivers.remote_base import RemoteDriverBase, parse_proc_net_dev, ssh_guest_argv
+from testbed.drivers.remote_base import MigrationOrder, SshGuestDriverBase, stream_migration
 from testbed.drivers.ssh import RemoteError
 
 DOM0 = "Domain-0"
@@ -147,7 +146,7 @@ def cpu_from_xentop(
     return total / host.capacity, {name: row.cpu_pct / host.capacity for name, row in rows.items()}
 
 
-class XenDriver(RemoteDriverBase):
+class XenDriver(SshGuestDriverBase):
     """Xen domains on the lab's PMs through `xl` (toolstack="xl") or `xm` (toolstack="xm")."""
 
     technique = "xen"
@@ -167,12 +166,9 @@ class XenDriver(RemoteDriverBase):
     ) -> None:
         if toolstack not in ("xl", "xm"):
             raise ValueError(f"toolstack must be xl or xm, not {toolstack!r}")
-        super().__init__(hosts, key_file, known_hosts)
+        super().__init__(hosts, key_file, guest_addresses, known_hosts)
         self.toolstack = toolstack
         self.kernel, self.ramdisk, self.disk_dir, self.bridge = kernel, ramdisk, disk_dir, bridge
-        self.guest_addresses = dict(guest_addresses or {})
-        self.key_file = key_file
-        self._specs: dict[str, VMSpec] = {}
 
     def _domains(self, host: str) -> list[XenDomain]:
         return [d for d in parse_xl_list(self.remote(host).run([self.toolstack, "list"])) if d.name != DOM0]
@@ -189,9 +185,6 @@ class XenDriver(RemoteDriverBase):
             if info.name == vm:
                 return info.host
         raise KeyError(vm)
-
-    def guest_argv(self, vm: str, argv: Sequence[str]) -> list[str]:
-        return ssh_guest_argv(self.guest_addresses[vm], str(self.key_file), argv)
 
     def cpu_use(self, interval_s: float) -> CpuUse:
         delay = max(1, round(interval_s))  # xentop's delay is whole seconds
@@ -223,8 +216,7 @@ class XenDriver(RemoteDriverBase):
         path = f"{CONFIG_DIR}/{spec.name}.cfg"
         remote.write_file(path, domain_config(spec, self.kernel, self.ramdisk, disk, self.bridge).encode())
         remote.run([self.toolstack, "create", path])
-        self._specs[spec.name] = spec
-        return VMInfo(spec.name, host, spec, True)
+        return self.created(spec, host)
 
     def destroy_vm(self, vm: str) -> None:
         try:
@@ -250,29 +242,13 @@ class XenDriver(RemoteDriverBase):
     def migrate(self, vm: str, destination: str, mode: MigrationMode) -> MigrationRecord:
         source = self.vm_host(vm)
         argv = self.migrate_argv(vm, self._hosts[destination], mode)
-        remote = self.remote(source)
-        sent_before = parse_proc_net_dev(remote.run(["cat", "/proc/net/dev"]))
-        start = time.time()
-        log: list[tuple[float, str]] = []
-        error = None
-        try:
-            log.extend(remote.stream(argv))
-        except RemoteError as err:
-            error = str(err)
-        total = time.time() - start
-        sent = parse_proc_net_dev(remote.run(["cat", "/proc/net/dev"])) - sent_before
-        return MigrationRecord(
-            vm=vm,
-            source=source,
-            destination=destination,
-            mode=mode,
-            start=start,
-            status="failed" if error else "completed",
-            total_time_s=total,
+        run = stream_migration(self.remote(source), argv)
+        return MigrationOrder(vm, source, destination, mode, run.start).record(
+            run.total_s,
+            error=run.error,
             # The toolstacks do not report the pause; stop-and-copy's outage is the whole move.
-            downtime_s=total if mode is MigrationMode.STOPCOPY and not error else None,
-            bytes=sent,
-            phases={"migrate": total},
-            error=error,
-            details={"toolstack": self.toolstack, "log": [(round(t - start, 3), line) for t, line in log]},
+            downtime_s=run.total_s if mode is MigrationMode.STOPCOPY else None,
+            bytes_sent=run.sent_bytes,
+            phases={"migrate": run.total_s},
+            details={"toolstack": self.toolstack, "log": run.relative_log()},
         )

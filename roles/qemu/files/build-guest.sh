@@ -10,8 +10,9 @@
 # (an empty KERNEL_VERSION picks the newest installed /boot/vmlinuz-*-amd64)
 #
 # Cached: OUTPUT_DIR/inputs.sha256 fingerprints every input (this script, the init script,
-# the workload sources, the kernel, its modules and busybox); when it matches, nothing is
-# rebuilt. The last line of stdout is "changed" or "unchanged" (for Ansible's changed_when).
+# the workload sources and headers, the kernel, its modules and busybox); when it matches,
+# nothing is rebuilt. The last line of stdout is "changed" or "unchanged" (for Ansible's
+# changed_when).
 set -euo pipefail
 kver=$1 workloads=$2 init=$3 out=$4
 if [[ -z $kver ]]; then
@@ -39,7 +40,10 @@ module_files=()
 for m in "${ordered[@]}"; do module_files+=("$(modinfo -k "$kver" -n "$m")"); done
 
 sources=("$workloads"/*.c)
-fingerprint=$(cat "$0" "$init" "${sources[@]}" "$kernel" "${module_files[@]}" "$busybox" | sha256sum | cut -d' ' -f1)
+shopt -s nullglob
+headers=("$workloads"/*.h) # what the sources include: a change to one rebuilds them too
+shopt -u nullglob
+fingerprint=$(cat "$0" "$init" "${sources[@]}" "${headers[@]}" "$kernel" "${module_files[@]}" "$busybox" | sha256sum | cut -d' ' -f1)
 if [[ -f $out/inputs.sha256 && $(cat "$out/inputs.sha256") == "$fingerprint" \
       && -f $out/vmlinux && -f $out/initramfs.cpio ]]; then
     echo unchanged
