@@ -7,7 +7,14 @@ cd "$top"
 bash scripts/bootstrap.sh
 export PATH="$top/.venv/bin:$PATH"
 testbed lab up
-if ! testbed run --help >/dev/null 2>&1; then
-    echo "main: the lab is up (testbed lab status); the experiment runner (testbed run) is not implemented yet." >&2
-    exit 3
-fi
+# The default matrix: thesis Exp. 1 (Synthetic1) and Exp. 2 (Synthetic-Random) with QEMU, scaled
+# to finish in under 30 minutes on a 2-core machine (README, "The main command"). Rerunning
+# resumes; TESTBED_SCALE / TESTBED_REPS override (another scale needs another results directory).
+scale=${TESTBED_SCALE:-0.1}
+reps=${TESTBED_REPS:-2}
+for exp in exp1 exp2; do
+    testbed run "experiments/$exp.yml" --technique qemu --reps "$reps" --scale "$scale" \
+        --results "results/$exp-qemu-s$scale"
+    testbed plot "results/$exp-qemu-s$scale"
+    testbed report "results/$exp-qemu-s$scale"
+done

@@ -49,8 +49,11 @@ def vm_colours(vms: Sequence[str]) -> dict[str, tuple[float, ...]]:
     return {vm: palette(k % palette.N) for k, vm in enumerate(sorted(vms, key=_natural))}
 
 
-def _save(fig: Figure, out_dir: Path, name: str, kind: str, title: str, run_ids: Sequence[str]) -> FigureInfo:
+def _save(c: Campaign, fig: Figure, out_dir: Path, name: str, kind: str, title: str,
+          run_ids: Sequence[str]) -> FigureInfo:
     out_dir.mkdir(parents=True, exist_ok=True)
+    if c.manifest.get("simulated"):  # a simulator's campaign (testbed/sim) says so on every figure
+        title = f"SIMULATED — {title}"
     fig.suptitle(title)
     files = []
     for fmt in FORMATS:
@@ -94,7 +97,7 @@ def cpu_timeline(c: Campaign, run_id: str, out_dir: Path) -> FigureInfo:
     handles = [_patch(colours[vm]) for vm in colours]
     fig.legend(handles, list(colours), loc="outside right upper", title="VM")
     title = f"CPU use per PM — {run['technique']}, {variant_label(run)}, rep {run['rep']}"
-    return _save(fig, out_dir, f"cpu_timeline.{run_id}", "cpu_timeline", title, [run_id])
+    return _save(c, fig, out_dir, f"cpu_timeline.{run_id}", "cpu_timeline", title, [run_id])
 
 
 def _patch(colour: tuple[float, ...]):
@@ -149,7 +152,7 @@ def exec_time_by_variant(c: Campaign, technique: str, app: str, out_dir: Path) -
     ax.set_ylabel("execution time (s)")
     fig.legend(loc="outside right upper", fontsize=8, title="variant")
     ids = [i for ids in table["run_ids"] for i in ids]
-    return _save(fig, out_dir, f"exec_time.{technique}.{app}", "exec_time_by_variant",
+    return _save(c, fig, out_dir, f"exec_time.{technique}.{app}", "exec_time_by_variant",
                  f"Execution time per VM — {app} on {technique} (mean ± std)", ids)
 
 
@@ -176,7 +179,7 @@ def technique_comparison(c: Campaign, app: str, out_dir: Path) -> FigureInfo:
     axes[-1].set_ylabel("execution time (s)")
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside right upper", fontsize=8, title="technique")
-    return _save(fig, out_dir, f"techniques.{app}", "technique_comparison",
+    return _save(c, fig, out_dir, f"techniques.{app}", "technique_comparison",
                  f"Techniques compared — {app} (mean ± std)", times["run_id"].tolist())
 
 
@@ -203,7 +206,7 @@ def migration_vs_link_rate(c: Campaign, out_dir: Path) -> FigureInfo:
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
-    return _save(fig, out_dir, "migration_vs_link_rate", "migration_vs_link_rate",
+    return _save(c, fig, out_dir, "migration_vs_link_rate", "migration_vs_link_rate",
                  "Migration time and downtime vs link rate", moves["run_id"].tolist())
 
 

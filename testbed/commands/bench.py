@@ -26,6 +26,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     migration.add_argument("-i", "--inventory", default=None, help="lab inventory (default: inventory/local)")
     migration.set_defaults(func=_run_migration)
 
+    sim = kinds.add_parser("sim", help="wall time of a simulated hour, 1,000 PMs x 3,000 VMs (SIMULATED)")
+    sim.add_argument("--pms", type=int, default=1_000)
+    sim.add_argument("--vms", type=int, default=3_000)
+    sim.add_argument("--hours", type=float, default=1.0, help="simulated hours per run")
+    sim.add_argument("--interval", type=float, default=10.0, help="the CC's interval, simulated seconds")
+    sim.add_argument("--scale", type=float, default=10.0, help="Synthetic-Random work multiplier")
+    sim.add_argument("--repeats", type=int, default=3, help="runs; the median is printed")
+    sim.set_defaults(func=_run_sim)
+
 
 def _run_balancer(args: argparse.Namespace) -> int:
     from testbed.bench.balancer import run
@@ -35,5 +44,11 @@ def _run_balancer(args: argparse.Namespace) -> int:
 
 def _run_migration(args: argparse.Namespace) -> int:
     from testbed.bench.migration import run
+
+    return run(args)
+
+
+def _run_sim(args: argparse.Namespace) -> int:
+    from testbed.bench.sim import run
 
     return run(args)

@@ -1,0 +1,209 @@
+"""`testbed manager lc|cc|token|status|drain|undrain|pause|resume`: run and steer the VM manager.
+
+`lc` and `cc` are the daemons (the balancer role starts them on the lab's hosts); the other
+verbs talk to the running CC over its API with the lab's token and print its JSON answer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from testbed.errors import InputError
+from testbed.manager import CC_PORT, DEFAULT_EVENT_LOG, DEFAULT_TOKEN_FILE, LC_PORT
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    manager = subparsers.add_parser("manager", help="the VM manager: Local and Central Controllers")
+    verbs = manager.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, help_text: str, func) -> argparse.ArgumentParser:
+        parser = verbs.add_parser(name, help=help_text)
+        parser.add_argument("-i", "--inventory", default=None, help="lab inventory (default: inventory/local)")
+        parser.add_argument("--token-file", type=Path, default=DEFAULT_TOKEN_FILE)
+        parser.set_defaults(func=func)
+        return parser
+
+    verb("token", "create the lab's API token file (0600) unless it exists", _token)
+
+    lc = verb("lc", "run the Local Controller of one PM (in that PM's namespace)", _lc)
+    lc.add_argument("--host", required=True, help="the PM's inventory name, e.g. tb-pm1")
+    lc.add_argument("--technique", default="qemu", help="driver that executes migrations")
+    lc.add_argument("--listen", default=None, help="address to bind (default: the PM's lab address)")
+    lc.add_argument("--port", type=int, default=LC_PORT)
+    lc.add_argument("--period", type=float, default=1.0, help="sampling period, seconds")
+
+    cc = verb("cc", "run the Central Controller (on the controller host)", _cc)
+    cc.add_argument("--policy", default="assign-u")
+    cc.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                    help="policy parameter, e.g. base=1.07 (repeatable)")
+    cc.add_argument("--interval", type=float, default=10.0, help="seconds between rounds (>= 1)")
+    cc.add_argument("--signal", choices=["use", "demand"], default="use",
+                    help="balance on CPU use (the thesis) or demand (use + runnable wait)")
+    cc.add_argument("--cooldown", type=float, default=60.0, help="seconds before a VM may move again")
+    cc.add_argument("--mode", choices=["precopy", "stopcopy", "postcopy"], default="precopy",
+                    help="migration mode")
+    cc.add_argument("--dry-run", action="store_true", help="decide and log, never migrate")
+    cc.add_argument("--paused", action="store_true", help="start paused (resume with `testbed manager resume`)")
+    cc.add_argument("--event-log", type=Path, default=DEFAULT_EVENT_LOG)
+    cc.add_argument("--listen", default=None, help="address to bind (default: the controller's)")
+    cc.add_argument("--port", type=int, default=CC_PORT)
+
+    verb("status", "JSON: every LC (reachable, VMs, last sample) and the CC", _status)
+    for name, help_text in (("drain", "move every VM off PM and keep it out of decisions"),
+                            ("undrain", "let PM take part in decisions again")):
+        verb(name, help_text, _drain).add_argument("pm")
+    verb("pause", "stop deciding (rounds are still collected and logged)", _control)
+    verb("resume", "decide again", _control)
+
+
+def _lab(args: argparse.Namespace):
+    from testbed.lab import DEFAULT_INVENTORY, load_lab
+
+    return load_lab(args.inventory or DEFAULT_INVENTORY)
+
+
+def _token(args: argparse.Namespace) -> int:
+    from testbed.manager.api import ensure_token
+
+    created = ensure_token(args.token_file)
+    print(f"{'created' if created else 'unchanged'} {args.token_file}")
+    return 0
+
+
+def _serve(app, address: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.Server(uvicorn.Config(app, host=address, port=port, log_level="warning")).run()
+
+
+def _lc(args: argparse.Namespace) -> int:
+    from testbed.manager.api import load_token
+    from testbed.manager.local import (
+        CgroupSampler,
+        LocalController,
+        create_app,
+        ensure_cgroupfs,
+        lab_driver_hosts,
+    )
+
+    ensure_cgroupfs()  # first: it needs a process without threads
+    lab = _lab(args)
+    try:
+        host = lab.host(args.host)
+    except KeyError:
+        raise InputError(f"--host: {args.host} is not a host of {lab.inventory}") from None
+    token = load_token(args.token_file)
+    hosts = lab_driver_hosts(lab)
+    lc = LocalController(CgroupSampler(hosts[host.name]), _driver(args.technique, hosts).migrate, args.period)
+    _serve(create_app(lc, token), args.listen or host.address, args.port)
+    return 0
+
+
+def _driver(technique: str, hosts: dict):
+    if technique != "qemu":
+        raise InputError(f"--technique: {technique!r} has no driver yet (available: qemu)")
+    from testbed.drivers.qemu import QemuDriver
+
+    return QemuDriver(hosts.values())
+
+
+def _parse_params(pairs: list[str]) -> dict[str, Any]:
+    params = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise InputError(f"--param: {pair!r} is not NAME=VALUE")
+        params[name] = yaml.safe_load(value)
+    return params
+
+
+def _cc(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from testbed.errors import describe_validation_error
+    from testbed.manager.api import CcConfig, ManagerClient, load_token, url_for
+    from testbed.manager.central import CentralController, create_app
+
+    lab = _lab(args)
+    token = load_token(args.token_file)
+    try:
+        config = CcConfig(policy=args.policy, params=_parse_params(args.param), interval=args.interval,
+                          signal=args.signal, cooldown=args.cooldown, dry_run=args.dry_run, mode=args.mode)
+    except ValidationError as err:
+        raise InputError(describe_validation_error(err, "testbed manager cc")) from None
+    lcs = {pm.name: ManagerClient(url_for(pm.address, LC_PORT), token) for pm in lab.pms}
+    cc = CentralController(lcs, config, args.event_log)
+    if args.paused:
+        cc.set_paused(True)
+    _serve(create_app(cc, token), args.listen or lab.controller.address, args.port)
+    return 0
+
+
+def _cc_client(args: argparse.Namespace):
+    """(lab, token, client of the lab's CC)."""
+    from testbed.manager.api import ManagerClient, load_token, url_for
+
+    lab = _lab(args)
+    token = load_token(args.token_file)
+    return lab, token, ManagerClient(url_for(lab.controller.address, CC_PORT), token)
+
+
+def _print(answer: Any) -> None:
+    json.dump(answer, sys.stdout, indent=2, sort_keys=True)
+    print()
+
+
+def _status(args: argparse.Namespace) -> int:
+    """The CC's view; if the CC does not answer, each LC asked directly (exit status 1)."""
+    import httpx
+
+    from testbed.manager.api import ManagerClient, url_for
+
+    lab, token, cc = _cc_client(args)
+    try:
+        _print({"cc": {"reachable": True, **cc.get("/v1/status")}})
+        return 0
+    except httpx.HTTPError as err:
+        cc_error = f"{type(err).__name__}: {err}"
+    lcs = {}
+    for pm in lab.pms:
+        lc = ManagerClient(url_for(pm.address, LC_PORT), token)
+        try:
+            lcs[pm.name] = {"reachable": True, "sample": lc.get("/v1/sample")}
+        except httpx.HTTPError as err:
+            lcs[pm.name] = {"reachable": False, "error": f"{type(err).__name__}: {err}"}
+    _print({"cc": {"reachable": False, "error": cc_error}, "lcs": lcs})
+    return 1
+
+
+def _send(args: argparse.Namespace, path: str, body=None) -> int:
+    import httpx
+
+    _, _, cc = _cc_client(args)
+    try:
+        _print(cc.post(path, body))
+    except httpx.HTTPStatusError as err:
+        raise InputError(f"{args.verb}: {err.response.json().get('detail')}") from None
+    except httpx.HTTPError as err:
+        print(f"testbed: the CC at {cc.url} does not answer: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _drain(args: argparse.Namespace) -> int:
+    from testbed.manager.api import HostRequest
+
+    try:
+        body = HostRequest(host=args.pm)
+    except ValueError:
+        raise InputError(f"pm: {args.pm!r} is not a host name") from None
+    return _send(args, f"/v1/{args.verb}", body)
+
+
+def _control(args: argparse.Namespace) -> int:
+    return _send(args, f"/v1/{args.verb}")

@@ -1,0 +1,149 @@
+"""`testbed run SPEC`: run an experiment matrix on the lab and record it in a results directory.
+
+Everything that can be checked without the lab is checked first (the spec, the command line,
+the inventory, the spec against the lab's PMs, what the lab executor can run, whether DIR holds
+another experiment), so a mistake fails with one line before any host is touched. Then the CC
+must answer, the hosts' facts are gathered for the manifest, and the campaign runs with a live
+display: runs done of planned, the run in progress and its phase, elapsed time and ETA.
+Rerunning the same command resumes: recorded runs are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Self
+
+from testbed.errors import InputError
+from testbed.lab import DEFAULT_INVENTORY
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("run", help="run an experiment matrix on the lab",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("spec", metavar="SPEC", help="an experiment spec, e.g. experiments/exp1.yml")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions per variant (default: the spec's)")
+    parser.add_argument("--scale", type=float, default=None,
+                        help="multiplies every app's work (default: the spec's; 0.25 = a quarter)")
+    parser.add_argument("--results", metavar="DIR", type=Path, default=None,
+                        help="results directory (default: results/<spec name>)")
+    parser.add_argument("--technique", action="append", default=None, metavar="T",
+                        help="run only this technique of the spec (repeatable)")
+    parser.add_argument("--ci-width", type=float, default=None, metavar="P",
+                        help="add repetitions until every VM's 95%% CI is within ±P %% of its mean")
+    parser.add_argument("--max-reps", type=int, default=None, help="cap on repetitions per variant")
+    parser.add_argument("--timeout", type=float, default=None, metavar="S",
+                        help="seconds a run's workloads may take (default: from the spec's scale)")
+    parser.add_argument("-i", "--inventory", type=Path, default=DEFAULT_INVENTORY,
+                        help="lab inventory (default: inventory/local, the embedded lab)")
+    parser.set_defaults(func=run)
+
+
+def _checked(args: argparse.Namespace):
+    """(spec, lab, techniques, results dir), all validated without touching a host."""
+    from testbed.lab import load_lab
+    from testbed.results import read_manifest
+    from testbed.runner.campaign import spec_fingerprint
+    from testbed.runner.executor import supported
+    from testbed.spec import load_spec, spec_with
+
+    spec = load_spec(args.spec)
+    changes = {k: v for k, v in (("repetitions", args.reps), ("scale", args.scale)) if v is not None}
+    if changes:
+        spec = spec_with(spec, **changes)
+    for flag, value in (("--ci-width", args.ci_width), ("--timeout", args.timeout)):
+        if value is not None and not value > 0:
+            raise InputError(f"{flag}: must be > 0, not {value:g}")
+    if args.max_reps is not None and args.max_reps < spec.repetitions:
+        raise InputError(f"--max-reps: {args.max_reps} is below the {spec.repetitions} repetitions asked")
+    lab = load_lab(args.inventory)
+    spec.check_against_lab(len(lab.pms), min(pm.cores for pm in lab.pms), args.spec)
+    techniques = args.technique or list(spec.techniques)
+    for technique in techniques:
+        if technique not in spec.techniques:
+            raise InputError(f"--technique: {technique!r} is not one of {args.spec}'s techniques "
+                             f"({', '.join(spec.techniques)})")
+    supported(spec, techniques)
+    results = args.results or Path("results") / spec.name
+    manifest = read_manifest(results)
+    if manifest and manifest.get("spec_fingerprint") != spec_fingerprint(spec):
+        raise InputError(f"--results: {results} holds results of another spec or scale "
+                         f"({manifest.get('experiment')}); choose another directory")
+    return spec, lab, techniques, results
+
+
+def run(args: argparse.Namespace) -> int:
+    spec, lab, techniques, results = _checked(args)
+    import httpx
+
+    from testbed.results import ResultsStore
+    from testbed.runner.campaign import controller_provenance, run_campaign
+    from testbed.runner.executor import LabExecutor, cc_client, lab_facts, make_drivers
+
+    cc = cc_client(lab)
+    try:
+        cc.get("/v1/status")
+    except httpx.HTTPError as err:
+        raise InputError(f"the Central Controller at {cc.url} does not answer ({type(err).__name__}); "
+                         "is the lab up (testbed lab up)?") from None
+    display = _Display()
+    with ResultsStore(results) as store, display:
+        display.phase("gathering the hosts' facts")
+        provenance = controller_provenance() | {"lab": lab_facts(lab)}
+        executor = LabExecutor(lab, make_drivers(lab), cc, timeout_s=args.timeout, log=display.phase)
+        began = time.monotonic()
+        try:
+            executed = run_campaign(spec, store, executor, techniques=techniques, ci_width=args.ci_width,
+                                    max_reps=args.max_reps, provenance=provenance, on_progress=display.update)
+        finally:
+            display.phase("cleaning up")
+            executor.close()
+        statuses = Counter(store.statuses.values())
+    minutes = (time.monotonic() - began) / 60
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
+    print(f"{spec.name}: {executed} runs executed in {minutes:.1f} min; recorded: {summary}; results in {results}")
+    print(f"figures and report: testbed plot {results} && testbed report {results}")
+    return 0
+
+
+class _Display:
+    """The campaign's live progress (rich) on a terminal; one line per run and phase elsewhere."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = Console(stderr=True)
+        self.live = self.console.is_terminal
+        self.progress = Progress(
+            TextColumn("[bold]{task.fields[run]}"), TextColumn("[dim]{task.fields[phase]}"), BarColumn(),
+            MofNCompleteColumn(), TextColumn("runs"), TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"),
+            console=self.console, disable=not self.live,
+        )
+        self.task = self.progress.add_task("campaign", total=None, run="starting", phase="", eta="?")
+
+    def __enter__(self) -> Self:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, p) -> None:
+        eta = "?" if p.eta_s is None else _duration(p.eta_s)
+        self.progress.update(self.task, total=p.total, completed=p.done, run=p.current.run_id, eta=eta)
+        if not self.live:
+            self.console.print(f"[{p.done + 1}/{p.total}] {p.current.run_id} (ETA {eta})", highlight=False)
+
+    def phase(self, text: str) -> None:
+        self.progress.update(self.task, phase=text)
+        if not self.live:
+            self.console.print(f"    {text}", highlight=False)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

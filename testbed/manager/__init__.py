@@ -1,0 +1,9 @@
+"""The VM manager of the thesis (§3.2): one Local Controller per PM, one Central Controller,
+talking token-authenticated HTTP+JSON over the lab network (see docs/manager.md)."""
+
+from pathlib import Path
+
+LC_PORT = 7420
+CC_PORT = 7421
+DEFAULT_TOKEN_FILE = Path("/var/lib/testbed/lab/manager.token")
+DEFAULT_EVENT_LOG = Path("/var/lib/testbed/lab/manager/events.jsonl")

@@ -1,0 +1,126 @@
+"""`testbed run` end to end: Exp. 1 on the embedded lab at a small scale, then plots and report;
+and what `testbed run` refuses before it touches any host.
+
+The lab test runs experiments/exp1.yml with QEMU, 1 repetition, at E2E_SCALE (Synthetic1 with
+18000 x E2E_SCALE blocks) and a 5 s balancer interval, so the unbalanced run lasts long enough for
+the CC to migrate at least once. Every variant must end with an ok run (a failed or invalid run
+is replaced by another repetition, as in any campaign; the test prints why). It needs the embedded
+lab with the VM manager running (playbooks/site.yml, the balancer role).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from testbed.cli import main
+from testbed.lab import Lab
+from testbed.results import read_table
+from testbed.runner.campaign import Run
+from testbed.runner.executor import SYNTHETIC1_BLOCKS, chains
+from testbed.spec import load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+EXP1 = REPO / "experiments" / "exp1.yml"
+E2E_SCALE = 0.05
+E2E_TIMEOUT_S = 900
+
+
+def _testbed(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "testbed.cli", *argv], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def test_run_refuses_a_technique_the_spec_does_not_list(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(EXP1), "--technique", "xen"]) == 2
+    assert "--technique: 'xen' is not one of" in capsys.readouterr().err
+
+
+def test_run_refuses_a_technique_the_lab_executor_cannot_migrate(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(EXP1)]) == 2
+    assert "'container' is not run by the lab executor yet" in capsys.readouterr().err
+
+
+def test_run_refuses_results_of_another_spec(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "manifest.json").write_text('{"experiment": "exp2", "spec_fingerprint": "0"}')
+    assert main(["run", str(EXP1), "--technique", "qemu", "--results", str(tmp_path)]) == 2
+    assert "holds results of another spec" in capsys.readouterr().err
+
+
+def test_synthetic1_instances_run_at_once_with_scaled_blocks() -> None:
+    spec = load_spec(EXP1)
+    variant = spec.variants()[0]
+    run = Run(spec.model_copy(update={"scale": 0.5}), "qemu", variant, 1)
+    assert chains(run, "vm1") == chains(run, "vm9")
+    (first,), (second,) = chains(run, "vm1")  # two instances, one step each
+    assert first.argvs == second.argvs == (("synthetic1", str(SYNTHETIC1_BLOCKS // 2)),)
+
+
+def test_synthetic_random_draws_follow_the_vm_seed() -> None:
+    spec = load_spec(REPO / "experiments" / "exp2.yml")
+    nomig, mig = spec.variants()
+    steps = chains(Run(spec, "qemu", nomig, 1), "vm3")
+    assert steps == chains(Run(spec, "qemu", mig, 1), "vm3")  # same work with and without migration
+    assert steps != chains(Run(spec, "qemu", nomig, 2), "vm3")  # another repetition draws anew
+    (chain,) = steps
+    assert len(chain) == 5
+    for step in chain:
+        assert step.argvs in ((("sleep", "30"),), *((("synthetic1", "18000"),) * n for n in (1, 2, 4)))
+
+
+@pytest.mark.lab
+@pytest.mark.skipif(
+    os.environ.get("TESTBED_E2E") != "1",
+    reason="opt-in (TESTBED_E2E=1): one Exp. 1 pass took 14 min on 2 cores, and TCG guests booted 7 to a"
+    " PM still stall now and then (issue 6 stays open until this runs green in CI)",
+)
+def test_exp1_runs_end_to_end_then_plots_and_report(embedded_lab: Lab, tmp_path: Path) -> None:
+    spec = yaml.safe_load(EXP1.read_text())
+    spec |= {"techniques": ["qemu"], "balancer": {"policy": "assign-u", "interval_s": 5, "cooldown_s": 30}}
+    spec_file = tmp_path / "exp1.yml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    results = tmp_path / "results"
+    began = time.monotonic()
+    ran = _testbed("run", str(spec_file), "--reps", "1", "--scale", str(E2E_SCALE), "--results", str(results),
+                   timeout=E2E_TIMEOUT_S)
+    print(f"testbed run (Exp. 1, qemu, scale {E2E_SCALE}, 1 rep): {time.monotonic() - began:.0f} s")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+
+    recorded = read_table(results, "runs")
+    for r in recorded:
+        if r["status"] != "ok":  # the campaign replaced it with another repetition; say why
+            print(r["run_id"], r["status"], json.loads((results / "runs" / f"{r['run_id']}.json").read_text())["error"])
+    runs = [r for r in recorded if r["status"] == "ok"]
+    assert sorted((r["layout"], r["migration"]) for r in runs) == [
+        ("balanced", "false"), ("unbalanced", "false"), ("unbalanced", "true")]
+    ok = {r["run_id"] for r in runs}
+    times = [t for t in read_table(results, "vm_times") if t["run_id"] in ok]
+    assert len(times) == 3 * 9
+    for row in times:
+        print(row["run_id"], row["vm"], row["start_host"], row["end_host"], row["exec_time_s"])
+        assert float(row["exec_time_s"]) > 0
+        if ".nomig." in row["run_id"]:
+            assert row["end_host"] == row["start_host"]
+    moves = [m for m in read_table(results, "migrations") if m["run_id"] in ok]
+    assert moves, "the unbalanced run with migration migrated nothing"
+    assert {m["run_id"] for m in moves} == {r["run_id"] for r in runs if r["migration"] == "true"}
+    assert any(m["status"] == "completed" for m in moves), moves
+    samples = read_table(results, "cpu_samples")
+    for r in runs:
+        hosts = {s["host"] for s in samples if s["run_id"] == r["run_id"]}
+        assert hosts == {pm.name for pm in embedded_lab.pms}
+
+    plotted = _testbed("plot", str(results))
+    assert plotted.returncode == 0, plotted.stderr
+    figures = results / "figures"
+    assert len(list(figures.glob("cpu_timeline.*.png"))) == 3
+    reported = _testbed("report", str(results))
+    assert reported.returncode == 0, reported.stderr
+    assert (results / "report.html").stat().st_size > 0
