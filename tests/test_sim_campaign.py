@@ -139,3 +139,14 @@ def test_calibration_file_round_trips_and_bad_files_fail_on_one_line(tmp_path):
     path.write_text('{"link_efficiency": 2}')
     with pytest.raises(InputError, match="link_efficiency"):
         load_calibration(path)
+
+
+def test_the_shipped_scale_study_loads() -> None:
+    """experiments/studies/scale.yml is a study (not a lab spec): it parses as one."""
+    from pathlib import Path
+
+    from testbed.sim.study import load_study
+
+    study = load_study(Path(__file__).resolve().parent.parent / "experiments" / "studies" / "scale.yml")
+    assert study.sizes == [10, 100, 1000] and study.vms_per_pm == 3  # issue 9's scales
+    assert {p.policy for p in study.policies} >= {"assign-u", "workload-balance", "stddev", "none"}

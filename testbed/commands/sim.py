@@ -2,7 +2,7 @@
 
 run SPEC        an experiment spec with technique `sim`, through the same campaign runner as
                 `testbed run` (resumable; results/<name>-sim by default)
-study FILE      the scale study (experiments/scale.yml): policies x modes at 10..1,000 PMs
+study FILE      the scale study (experiments/studies/scale.yml): policies x modes at 10..1,000 PMs
 validate REAL SIM   per-variant mean execution time, lab vs simulator, side by side (10 % bound)
 """
 

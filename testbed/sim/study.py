@@ -1,4 +1,4 @@
-"""The scale study (experiments/scale.yml): balancer policies x migration modes at 10 to 1,000 PMs,
+"""The scale study (experiments/studies/scale.yml): balancer policies x migration modes at 10 to 1,000 PMs,
 simulated, with its summary table and figures.
 
 Why not an ordinary spec: a spec holds one balancer and at most 1,000 VMs, and the analysis keys
