@@ -60,6 +60,10 @@ WORKLOAD_SOURCES = Path(__file__).resolve().parents[2] / "workloads"
 #: Container addresses on the lab network (198.18.0.100-.199 on the embedded lab).
 ADDRESSES = range(100, 200)
 INIT = Path(__file__).with_name("container_init.py")
+#: The init runs stdlib-only (-I -S) under the system's python3, from a copy in the container's
+#: state directory: the checkout and its venv may live under /tmp or /root, which the
+#: container's own /tmp and /root hide.
+INIT_PYTHON = "/usr/bin/python3"
 #: Mounts in the container's own mount namespace: the host's root read-only, its private
 #: directory at /root and /tmp, its state directory writable (the init's socket and logs).
 _SETUP = """
@@ -247,12 +251,14 @@ class ContainerDriver:
         name = state.spec.name
         procs = [pm.cgroup(c) / name / "cgroup.procs" for c in CONTROLLERS]
         Path(state.root_dir).mkdir(parents=True, exist_ok=True)
+        init = self._dir(name) / INIT.name
+        shutil.copyfile(INIT, init)
         env = {"PATH": f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin", "ROOTDIR": state.root_dir,
                "STATEDIR": str(self._dir(name)), "NAME": name, "SYNTHETIC1": str(bin_dir / "synthetic1"),
                "HOME": "/root"}
         argv = [*cgroups.join_then_exec(procs), "nsenter", f"--net=/run/netns/{state.netns}",
                 "unshare", "--pid", "--fork", "--mount-proc", "--mount", "--uts", "--ipc", "--kill-child",
-                "sh", "-ec", _SETUP, "sh", sys.executable, "-I", "-S", str(INIT), str(self._dir(name))]
+                "sh", "-ec", _SETUP, "sh", INIT_PYTHON, "-I", "-S", str(init), str(self._dir(name))]
         with open(self._dir(name) / "container.log", "ab") as log:
             launcher = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                         start_new_session=True)

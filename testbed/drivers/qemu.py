@@ -59,6 +59,9 @@ _WORD = re.compile(r"^[A-Za-z0-9._/=:,+-]+$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,40}$")
 
 
+READY_LISTEN_S = 20.0  # a guest boots in ~5 s alone, ~20 s with 9 booting on 2 cores
+
+
 class QemuError(RuntimeError):
     """A VM could not be started, reached or stopped; the message says which and why."""
 
@@ -475,11 +478,21 @@ class QemuDriver:
         return console
 
     def _wait_ready(self, console: _Console) -> None:
-        """Wait until the guest's init serves the console (asks with `ping` until it answers)."""
+        """Wait until the guest's init serves the console: listen for its `@ready` first, and
+        only then ask with `ping` (in case the line was missed). Pings sent while the guest
+        boots pile up in its UART before ttyS0 is opened and arrive as garbled commands, after
+        which some guests stopped answering (seen with 7 guests booting on one PM)."""
         deadline = time.monotonic() + self.boot_timeout_s
+        listen_until = time.monotonic() + min(READY_LISTEN_S, self.boot_timeout_s / 2)
+
+        def answered() -> bool:
+            return bool(console.ready_lines or console.pongs)
+
+        if console.wait(answered, timeout_s=max(0.0, listen_until - time.monotonic())):
+            return
         while time.monotonic() < deadline:
             console.send("ping")
-            if console.wait(lambda: console.ready_lines or console.pongs, timeout_s=1.0):
+            if console.wait(answered, timeout_s=2.0):
                 return
         raise QemuError(f"VM {console.vm}: guest not ready after {self.boot_timeout_s:.0f} s")
 
