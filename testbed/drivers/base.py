@@ -139,6 +139,47 @@ class MigrationRecord:
         return data
 
 
+@dataclass(frozen=True)
+class MigrationOrder:
+    """A migration as ordered: the fields every record of it starts with, whatever the
+    toolstack then reports, in one place so that failed and completed records agree."""
+
+    vm: str
+    source: str
+    destination: str
+    mode: MigrationMode
+    start: float  # host clock when the migration was ordered
+
+    def record(
+        self,
+        total_time_s: float,
+        *,
+        error: str | None = None,
+        downtime_s: float | None = None,
+        bytes_sent: int = 0,
+        rounds: int = 0,
+        phases: dict[str, float] | None = None,
+        details: dict[str, object] | None = None,
+    ) -> MigrationRecord:
+        """The record; a failed migration left the VM running where it was, so it has no
+        downtime."""
+        return MigrationRecord(
+            vm=self.vm,
+            source=self.source,
+            destination=self.destination,
+            mode=self.mode,
+            start=self.start,
+            status="failed" if error else "completed",
+            total_time_s=total_time_s,
+            downtime_s=None if error else downtime_s,
+            bytes=bytes_sent,
+            rounds=rounds,
+            phases=phases or {},
+            error=error,
+            details=details or {},
+        )
+
+
 @runtime_checkable
 class Driver(Protocol):
     """What the testbed asks of a virtualization technique."""

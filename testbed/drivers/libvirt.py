@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from testbed.drivers.base import CpuUse, Host, MigrationMode, MigrationRecord, VMInfo, VMSpec
-from testbed.drivers.remote_base import MigrationOrder, SshGuestDriverBase
+from testbed.drivers.base import CpuUse, Host, MigrationMode, MigrationOrder, MigrationRecord, VMInfo, VMSpec
+from testbed.drivers.remote_base import SshGuestDriverBase
 
 # libvirt constants (libvirt-domain.h), so flag logic is testable without the binding.
 VIR_MIGRATE_LIVE = 1 << 0

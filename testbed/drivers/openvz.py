@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from testbed.drivers.base import CpuUse, Host, MigrationMode, MigrationRecord, VMInfo, VMSpec
-from testbed.drivers.remote_base import MigrationOrder, RemoteDriverBase, stream_migration
+from testbed.drivers.base import CpuUse, Host, MigrationMode, MigrationOrder, MigrationRecord, VMInfo, VMSpec
+from testbed.drivers.remote_base import RemoteDriverBase, stream_migration
 
 VZMIGRATE = "/usr/local/sbin/vzmigrate-shared"
 #: vzmigrate's messages (bin/vzmigrate.in) -> the thesis' phase each one starts.

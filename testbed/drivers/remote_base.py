@@ -20,7 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from testbed.drivers.base import Host, MigrationMode, MigrationRecord, VMInfo, VMSpec, WorkloadRun
+from testbed.drivers.base import (
+    Host,
+    VMInfo,
+    VMSpec,
+    WorkloadRun,
+)
 from testbed.drivers.ssh import Remote, RemoteError, SshTarget
 
 T = TypeVar("T")
@@ -143,47 +148,6 @@ class SshGuestDriverBase(RemoteDriverBase):
 
     def guest_argv(self, vm: str, argv: Sequence[str]) -> list[str]:
         return ssh_guest_argv(self.guest_addresses[vm], str(self.key_file), argv)
-
-
-@dataclass(frozen=True)
-class MigrationOrder:
-    """A migration as ordered: the fields every record of it starts with, whatever the
-    toolstack then reports, in one place so that failed and completed records agree."""
-
-    vm: str
-    source: str
-    destination: str
-    mode: MigrationMode
-    start: float  # host clock when the migration was ordered
-
-    def record(
-        self,
-        total_time_s: float,
-        *,
-        error: str | None = None,
-        downtime_s: float | None = None,
-        bytes_sent: int = 0,
-        rounds: int = 0,
-        phases: dict[str, float] | None = None,
-        details: dict[str, object] | None = None,
-    ) -> MigrationRecord:
-        """The record; a failed migration left the VM running where it was, so it has no
-        downtime."""
-        return MigrationRecord(
-            vm=self.vm,
-            source=self.source,
-            destination=self.destination,
-            mode=self.mode,
-            start=self.start,
-            status="failed" if error else "completed",
-            total_time_s=total_time_s,
-            downtime_s=None if error else downtime_s,
-            bytes=bytes_sent,
-            rounds=rounds,
-            phases=phases or {},
-            error=error,
-            details=details or {},
-        )
 
 
 @dataclass

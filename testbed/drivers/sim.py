@@ -22,7 +22,16 @@ import time
 
 import numpy as np
 
-from testbed.drivers.base import CpuUse, Host, MigrationMode, MigrationRecord, VMInfo, VMSpec, WorkloadRun
+from testbed.drivers.base import (
+    CpuUse,
+    Host,
+    MigrationMode,
+    MigrationOrder,
+    MigrationRecord,
+    VMInfo,
+    VMSpec,
+    WorkloadRun,
+)
 from testbed.lab import parse_rate
 from testbed.sim.calibration import Calibration
 from testbed.sim.engine import Engine, Step
@@ -135,23 +144,11 @@ class SimDriver:
         with self._lock:
             k = self._vm(vm)
             source = self.engine.host_names[self.engine.vm_host[k]]
-            start = self.origin + self.engine.t
+            order = MigrationOrder(vm, source, destination, MigrationMode(mode), self.origin + self.engine.t)
             try:
                 flight = self.engine.migrate(k, self.engine.host_index[destination], str(mode))
             except (KeyError, ValueError) as err:
-                return MigrationRecord(
-                    vm,
-                    source,
-                    destination,
-                    MigrationMode(mode),
-                    start,
-                    "failed",
-                    0.0,
-                    None,
-                    0,
-                    error=str(err),
-                    details={"simulated": True},
-                )
+                return order.record(0.0, error=str(err), details={"simulated": True})
             self.engine.advance(math.inf, stop=lambda e: flight.ended)
             p = flight.plan
             phases = {
@@ -159,20 +156,8 @@ class SimDriver:
                 "stopped": p.downtime_s,
                 "after_resume": p.total_s - p.live_s - p.downtime_s,
             }
-            return MigrationRecord(
-                vm,
-                source,
-                destination,
-                MigrationMode(mode),
-                start,
-                "completed",
-                p.total_s,
-                p.downtime_s,
-                p.bytes,
-                p.rounds,
-                phases,
-                details={"simulated": True},
-            )
+            return order.record(p.total_s, downtime_s=p.downtime_s, bytes_sent=p.bytes, rounds=p.rounds,
+                                phases=phases, details={"simulated": True})
 
     # -- helpers --------------------------------------------------------------------------------------
 

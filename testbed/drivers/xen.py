@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from testbed.drivers.base import CpuUse, Host, MigrationMode, MigrationRecord, VMInfo, VMSpec
-from testbed.drivers.remote_base import MigrationOrder, SshGuestDriverBase, stream_migration
+from testbed.drivers.base import CpuUse, Host, MigrationMode, MigrationOrder, MigrationRecord, VMInfo, VMSpec
+from testbed.drivers.remote_base import SshGuestDriverBase, stream_migration
 from testbed.drivers.ssh import RemoteError
 
 DOM0 = "Domain-0"
