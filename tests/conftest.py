@@ -3,7 +3,8 @@
 `embedded_lab` runs playbooks/site.yml (as `testbed lab up` does) the first time a test asks for
 it and tears the lab down (playbooks/teardown.yml) at the end of the session; it returns the
 `testbed.lab.Lab` read from inventory/local. `run_playbook("ntp.yml")` runs one more playbook
-against it and fails the test when the playbook fails. Tests marked `lab_teardown` run after all
+against it and fails the test when the playbook fails. TESTBED_KEEP_LAB=1 leaves the lab up at the
+end (when others test on it at the same time). Tests marked `lab_teardown` run after all
 others, since they take the lab down.
 """
 
@@ -44,6 +45,9 @@ def embedded_lab() -> Iterator[Lab]:
     _playbook("site.yml")
     print(f"embedded lab provisioned in {time.monotonic() - started:.1f} s")
     yield lab
+    if os.environ.get("TESTBED_KEEP_LAB") == "1":  # several people testing on one lab at once
+        print("TESTBED_KEEP_LAB=1: the embedded lab is left up")
+        return
     _playbook("teardown.yml")
 
 

@@ -24,6 +24,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from testbed import provisioning
 from testbed.lab import DEFAULT_INVENTORY, host_status, load_lab
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,7 +77,8 @@ class Progress:
     failures: list[str] = field(default_factory=list)
 
     def handle(self, event: dict) -> bool:
-        """ansible-runner's event_handler; returns False so that events are not also stored."""
+        """ansible-runner's event_handler; returns True so that the events are also stored (the
+        provisioning's artifacts, which campaigns archive: testbed.provisioning)."""
         data = event.get("event_data", {})
         kind = event.get("event", "")
         if kind == "playbook_on_play_start":
@@ -86,7 +88,7 @@ class Progress:
             self.tasks_done += 1
         elif kind.startswith("runner_on_") and kind.removeprefix("runner_on_") in OUTCOMES:
             self._count(kind.removeprefix("runner_on_"), data)
-        return False
+        return True
 
     def _count(self, outcome: str, data: dict) -> None:
         host = data.get("host", "?")
@@ -142,9 +144,12 @@ def run_playbook(playbook: Path, inventory: Path, console: Console | None = None
         return keep
 
     started = time.monotonic()
+    artifacts = provisioning.artifacts_dir(inventory)
     with tempfile.TemporaryDirectory(prefix="testbed-runner-") as tmp, live or nullcontext():
         result = ansible_runner.run(
             private_data_dir=tmp,
+            artifact_dir=str(artifacts),  # kept: a campaign's provenance archives the newest
+            ident=provisioning.new_ident(playbook),
             project_dir=str(REPO),
             playbook=str(playbook),
             inventory=str(Path(inventory).resolve()),
@@ -154,6 +159,7 @@ def run_playbook(playbook: Path, inventory: Path, console: Console | None = None
             event_handler=handle,
             quiet=True,
         )
+    provisioning.prune(inventory, playbook)
     if not live:
         console.print(progress.render())
     for failure in progress.failures:

@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     spec, lab, techniques, results = _checked(args)
     import httpx
 
+    from testbed import provisioning
     from testbed.results import ResultsStore
     from testbed.runner.campaign import controller_provenance, run_campaign
     from testbed.runner.executor import LabExecutor, cc_client, lab_facts, make_drivers
@@ -91,7 +92,10 @@ def run(args: argparse.Namespace) -> int:
     display = _Display()
     with ResultsStore(results) as store, display:
         display.phase("gathering the hosts' facts")
-        provenance = controller_provenance() | {"lab": lab_facts(lab)}
+        provenance = controller_provenance() | {
+            "lab": lab_facts(lab),
+            "provisioning": provisioning.archive_latest(lab.inventory, results / "provenance"),
+        }
         executor = LabExecutor(lab, make_drivers(lab), cc, timeout_s=args.timeout, log=display.phase)
         began = time.monotonic()
         try:
