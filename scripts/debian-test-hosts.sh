@@ -12,14 +12,27 @@ STATE=/var/lib/testbed-tr
 ME=198.18.0.250
 cmd=${1:?up NAME=ADDRESS... | down}; shift
 
+# Signal the process of a pid file only while it is still the program that wrote it: a pid file
+# outlives its process (an nspawn host that powered off), and pids wrap (32768 here), so a bare
+# `kill $(cat file)` once killed a lab VM's QEMU that had been given the old number.
+stop_pidfile() {
+  local pidfile=$1 program=$2 pid
+  [[ -e $pidfile ]] || return 0
+  pid=$(cat "$pidfile")
+  rm -f "$pidfile"
+  [[ $pid =~ ^[0-9]+$ ]] || return 0
+  owned() { [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$program"* ]]; }
+  owned || return 0
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 50); do owned || return 0; sleep 0.2; done
+  kill -9 "$pid" 2>/dev/null || true
+}
+
 down() {
   for pidfile in "$STATE"/*/nspawn.pid; do
-    [[ -e $pidfile ]] || continue
-    pid=$(cat "$pidfile"); kill "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    kill -9 "$pid" 2>/dev/null || true
+    stop_pidfile "$pidfile" systemd-nspawn
   done
-  [[ -e $STATE/acng.pid ]] && { kill "$(cat "$STATE/acng.pid")" 2>/dev/null || true; rm -f "$STATE/acng.pid"; }
+  stop_pidfile "$STATE/acng.pid" apt-cacher-ng
   for dir in "$STATE"/*/; do
     [[ -d $dir/merged ]] || continue
     umount -l "$dir/merged" 2>/dev/null || true
