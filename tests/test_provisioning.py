@@ -1,9 +1,10 @@
 """Provisioning artifacts: `testbed lab up`'s ansible-runner output is kept per inventory, pruned,
-and archived into a campaign's results with the play recap."""
+and archived into a campaign's results with the play recap; the caller's signal handlers survive."""
 
 from __future__ import annotations
 
 import shutil
+import signal
 import tarfile
 from pathlib import Path
 
@@ -43,7 +44,10 @@ def test_a_run_is_kept_archived_with_its_recap_and_pruned(local_inventory: Path,
     playbook.write_text(PLAYBOOK)
     assert provisioning.archive_latest(local_inventory, tmp_path / "out")["found"] is False
 
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     assert run_playbook(playbook, local_inventory).rc == 0
+    # ansible-runner installs its own, for good: Ctrl-C must still reach the caller afterwards
+    assert {signum: signal.getsignal(signum) for signum in handlers} == handlers
     got = provisioning.archive_latest(local_inventory, tmp_path / "out")
     assert got["found"] and got["status"] == "successful" and got["rc"] == "0"
     assert got["stats"]["changed"] == {"here": 1}

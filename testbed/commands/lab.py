@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -24,7 +22,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from testbed import provisioning
+from testbed import ansible, provisioning
 from testbed.lab import DEFAULT_INVENTORY, host_status, load_lab
 
 REPO = Path(__file__).resolve().parents[2]
@@ -128,8 +126,6 @@ class PlaybookResult:
 def run_playbook(playbook: Path, inventory: Path, console: Console | None = None) -> PlaybookResult:
     """Run a playbook with ansible-runner, showing its progress live (or, off a terminal, its plays
     as they start and the final counts)."""
-    import ansible_runner
-
     console = console or Console(stderr=True)
     progress = Progress()
     live = Live(progress.render(), console=console, refresh_per_second=4) if console.is_terminal else None
@@ -146,16 +142,13 @@ def run_playbook(playbook: Path, inventory: Path, console: Console | None = None
     started = time.monotonic()
     artifacts = provisioning.artifacts_dir(inventory)
     with tempfile.TemporaryDirectory(prefix="testbed-runner-") as tmp, live or nullcontext():
-        result = ansible_runner.run(
+        result = ansible.run(
             private_data_dir=tmp,
             artifact_dir=str(artifacts),  # kept: a campaign's provenance archives the newest
             ident=provisioning.new_ident(playbook),
             project_dir=str(REPO),
             playbook=str(playbook),
             inventory=str(Path(inventory).resolve()),
-            # The venv's ansible-playbook, even when the venv is not activated.
-            envvars={"ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
-                     "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])},
             event_handler=handle,
             quiet=True,
         )

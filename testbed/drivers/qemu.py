@@ -45,6 +45,7 @@ from testbed.drivers.base import (
     VMSpec,
     WorkloadRun,
 )
+from testbed.drivers.qemu_snapshot import BootSnapshots
 
 STATE_DIR = Path("/var/lib/testbed/vms")
 IMAGE_DIR = Path("/var/lib/testbed/images/qemu")
@@ -59,6 +60,8 @@ _WORD = re.compile(r"^[A-Za-z0-9._/=:,+-]+$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,40}$")
 
 
+REAP_PERIOD_S = 2.0
+RESTORE_TIMEOUT_S = 30.0  # a guest started from its boot snapshot answers in ~1 s (2 cores, busy)
 READY_LISTEN_S = 20.0  # a guest boots in ~5 s alone, ~20 s with 9 booting on 2 cores
 
 
@@ -276,15 +279,21 @@ class QemuDriver:
         accel: str | None = None,
         boot_timeout_s: float = 120.0,
         migration_timeout_s: float = 300.0,
+        boot_snapshots: bool = True,
     ) -> None:
         self._hosts = {h.name: h for h in hosts}
         self.state_dir = state_dir
         self.image_dir = image_dir
         self.accel = accel or _probed_accel(image_dir)
+        #: Start VMs from a saved fresh boot when one fits (testbed.drivers.qemu_snapshot): a
+        #: runner resets its VMs before every run, and boots dominated a run's time under TCG.
+        self.boot_snapshots = BootSnapshots(image_dir, self.accel, QEMU) if boot_snapshots else None
         self.boot_timeout_s = boot_timeout_s
         self.migration_timeout_s = migration_timeout_s
         self._consoles: dict[str, _Console] = {}
         self._children: list[subprocess.Popen] = []  # QEMU processes this driver started
+        self._children_lock = threading.Lock()
+        self._reaper: threading.Thread | None = None
 
     # --- inventory -------------------------------------------------------------------------
 
@@ -346,18 +355,65 @@ class QemuDriver:
         spec = self._with_disk(spec)
         self._save(spec, host)
         instance = self._instance(spec.name, host)
+        snapshot = self.boot_snapshots.path_for(spec.memory_mb, spec.vcpus, spec.disk) if self.boot_snapshots else None
         try:
-            self._launch(spec, pm, instance, incoming=False)
-            # Boot is no part of any experiment: it runs under the PM's cap only, and the
-            # VM's own cap (vcpus/cores of the PM) applies from the moment the guest is ready.
-            asyncio.run(self._confine_vcpus(spec, pm, instance))
-            cgroups.set_quota(pm.cgroup("cpu") / spec.name, pm.capacity)
-            self._wait_ready(self._console(spec.name))
+            if not (snapshot is not None and snapshot.exists() and self._restored(spec, pm, instance, snapshot)):
+                self._boot(spec, pm, instance, save_to=snapshot)
             cgroups.set_quota(pm.cgroup("cpu") / spec.name, spec.vcpus / pm.cores * pm.capacity)
         except BaseException:
             self.destroy_vm(spec.name)
             raise
         return self._info(spec.name)
+
+    def _boot(self, spec: VMSpec, pm: Host, instance: _Instance, save_to: Path | None) -> None:
+        """Boot the guest; boot is no part of any experiment: it runs under the PM's cap only
+        (the VM's own cap applies once the guest is ready). A fresh boot is saved as the boot
+        snapshot of such VMs when `save_to` names one."""
+        self._launch(spec, pm, instance, incoming=False)
+        asyncio.run(self._confine_vcpus(spec, pm, instance))
+        cgroups.set_quota(pm.cgroup("cpu") / spec.name, pm.capacity)
+        self._wait_ready(self._console(spec.name))
+        if save_to is not None and self.boot_snapshots is not None:
+            asyncio.run(self._save_snapshot(instance, save_to))
+
+    async def _save_snapshot(self, instance: _Instance, dest: Path) -> None:
+        assert self.boot_snapshots is not None
+        async with _qmp(instance.qmp) as qmp:
+            await self.boot_snapshots.save(qmp, dest)
+
+    def _restored(self, spec: VMSpec, pm: Host, instance: _Instance, snapshot: Path) -> bool:
+        """Start the VM from its boot snapshot; False (and nothing left running) if it did not
+        come up answering its console, so that the caller boots it instead. A restored guest
+        answers within a second or two; one of dozens here once never did."""
+        try:
+            self._restore(spec, pm, instance, snapshot)
+            return True
+        except (QemuError, TimeoutError):
+            console = self._consoles.pop(spec.name, None)
+            if console is not None:
+                console.close()
+            self._stop_instance(spec.name, pm)
+            return False
+
+    def _restore(self, spec: VMSpec, pm: Host, instance: _Instance, snapshot: Path) -> None:
+        """Start the VM from its boot snapshot (testbed.drivers.qemu_snapshot), then check that
+        its console answers as after a boot."""
+        self._launch(spec, pm, instance, incoming=True)
+
+        async def restore() -> None:
+            async with _qmp(instance.qmp) as qmp:
+                await qmp.execute("migrate-incoming", {"uri": f"exec:cat {snapshot}"})
+                while (status := (await qmp.execute("query-status"))["status"]) == "inmigrate":
+                    await asyncio.sleep(0.02)
+                if status == "paused":  # saved stopped (a consistent state): run it
+                    await qmp.execute("cont")
+                    status = (await qmp.execute("query-status"))["status"]
+                if status != "running":
+                    raise QemuError(f"VM {spec.name}: restored from {snapshot.name} but {status}")
+            await self._confine_vcpus(spec, pm, instance)
+
+        asyncio.run(asyncio.wait_for(restore(), timeout=RESTORE_TIMEOUT_S))
+        self._wait_ready(self._console(spec.name), timeout_s=RESTORE_TIMEOUT_S, booting=False)
 
     def _with_disk(self, spec: VMSpec) -> VMSpec:
         """A VM without a disk URL gets a small qcow2 next to its state (shared in the lab)."""
@@ -439,7 +495,9 @@ class QemuDriver:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self._children.append(process)
+        with self._children_lock:
+            self._children.append(process)
+        self._start_reaper()
         deadline = time.monotonic() + 30
         while not (instance.qmp.exists() and instance.pidfile.exists()):
             if process.poll() is not None or time.monotonic() > deadline:
@@ -452,7 +510,23 @@ class QemuDriver:
     def _reap(self) -> None:
         """Collect the exit status of QEMU processes this driver started and another process
         (a Local Controller, a test) stopped, so that none lingers as a zombie."""
-        self._children = [child for child in self._children if child.poll() is None]
+        with self._children_lock:
+            self._children = [child for child in self._children if child.poll() is None]
+
+    def _start_reaper(self) -> None:
+        """Reap in the background too: a Local Controller starts a VM's QEMU at a migration's
+        destination and may not call its driver again for hours, while the runner destroys
+        that VM at the end of the run (zombies of its QEMUs piled up under the LCs)."""
+
+        def reap_forever() -> None:
+            while True:
+                time.sleep(REAP_PERIOD_S)
+                self._reap()
+
+        with self._children_lock:
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=reap_forever, name="qemu-reaper", daemon=True)
+                self._reaper.start()
 
     async def _confine_vcpus(self, spec: VMSpec, host: Host, instance: _Instance) -> None:
         """Move the vCPU threads into the VM's cgroup, capped at vcpus/cores of the PM."""
@@ -477,13 +551,15 @@ class QemuDriver:
             self._consoles[vm] = console
         return console
 
-    def _wait_ready(self, console: _Console) -> None:
+    def _wait_ready(self, console: _Console, timeout_s: float | None = None, booting: bool = True) -> None:
         """Wait until the guest's init serves the console: listen for its `@ready` first, and
         only then ask with `ping` (in case the line was missed). Pings sent while the guest
         boots pile up in its UART before ttyS0 is opened and arrive as garbled commands, after
-        which some guests stopped answering (seen with 7 guests booting on one PM)."""
-        deadline = time.monotonic() + self.boot_timeout_s
-        listen_until = time.monotonic() + min(READY_LISTEN_S, self.boot_timeout_s / 2)
+        which some guests stopped answering (seen with 7 guests booting on one PM). A guest
+        restored from a boot snapshot already serves: ask at once."""
+        timeout_s = timeout_s or self.boot_timeout_s
+        deadline = time.monotonic() + timeout_s
+        listen_until = time.monotonic() + (min(READY_LISTEN_S, timeout_s / 2) if booting else 0.0)
 
         def answered() -> bool:
             return bool(console.ready_lines or console.pongs)
@@ -494,7 +570,7 @@ class QemuDriver:
             console.send("ping")
             if console.wait(answered, timeout_s=2.0):
                 return
-        raise QemuError(f"VM {console.vm}: guest not ready after {self.boot_timeout_s:.0f} s")
+        raise QemuError(f"VM {console.vm}: guest not ready after {timeout_s:.0f} s")
 
     def start_workload(self, vm: str, argv: list[str]) -> WorkloadRun:
         bad = [word for word in argv if not _WORD.match(word)]

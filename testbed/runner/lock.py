@@ -1,0 +1,53 @@
+"""One campaign at a time on a lab.
+
+Two campaigns on one lab spoil each other without a sound: each one's reset destroys the other's
+VMs, and each turns the Central Controller's migrations on for its own runs, so the CC moves the
+other's VMs as well (seen here: a container campaign's run had the CC migrate a QEMU campaign's VMs
+while it booted them). A `testbed run` holds an exclusive lock on the lab for its whole campaign; a
+second one is refused at once, naming the first, before it touches any host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from testbed.errors import InputError
+
+#: Where the lock lives: beside this machine's other testbed state, one per inventory.
+LOCK_DIR = Path("/var/lib/testbed/locks")
+
+
+def lock_path(inventory: Path, lock_dir: Path = LOCK_DIR) -> Path:
+    from testbed.provisioning import artifacts_dir
+
+    return lock_dir / f"{artifacts_dir(inventory, lock_dir).name}.lock"  # named for the inventory
+
+
+@contextlib.contextmanager
+def campaign_lock(inventory: Path, what: str, lock_dir: Path = LOCK_DIR) -> Iterator[None]:
+    """Hold the lab's campaign lock (flock: released by the kernel if the holder dies)."""
+    path = lock_path(inventory, lock_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise InputError(f"the lab of {inventory} is busy with another campaign ({holder}); "
+                             "wait for it to end") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "what": what,
+                                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)

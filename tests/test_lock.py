@@ -1,0 +1,39 @@
+"""The lab's campaign lock: a second campaign is refused naming the first; a dead holder frees it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from testbed.errors import InputError
+from testbed.runner.lock import campaign_lock
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from testbed.runner.lock import campaign_lock
+with campaign_lock(Path(sys.argv[1]), "exp1 -> results/x", Path(sys.argv[2])):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_campaign_is_refused_until_the_first_holder_dies(tmp_path: Path) -> None:
+    inventory, locks = tmp_path / "inventory", tmp_path / "locks"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(inventory), str(locks)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(InputError, match=r"busy with another campaign .*exp1 -> results/x"), \
+                campaign_lock(inventory, "exp2", locks):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    # the kernel released the dead holder's lock: it can be taken, and then it is held
+    with campaign_lock(inventory, "exp2", locks), pytest.raises(InputError, match="exp2"), \
+            campaign_lock(inventory, "exp3", locks):
+        pass

@@ -1,0 +1,99 @@
+"""Boot snapshots of the QEMU driver, for real, outside the embedded lab: two PMs in the root
+namespace (loopback) with cgroups of their own; the guest image is the qemu role's."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from testbed.drivers.base import Host, MigrationMode, VMSpec
+from testbed.drivers.qemu import IMAGE_DIR, QemuDriver
+from testbed.drivers.qemu_snapshot import BootSnapshots
+
+CONTROLLERS = ("cpu", "cpuacct", "memory", "freezer")
+
+
+def _disk(path: Path, written: bool = False) -> str:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "256M"], check=True)
+    if written:
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write 0 64k", str(path)], check=True,
+                       capture_output=True)
+    return str(path)
+
+
+def test_only_a_disk_with_nothing_in_it_can_start_from_a_snapshot(tmp_path: Path) -> None:
+    if not shutil.which("qemu-img"):
+        pytest.skip("needs qemu-utils (deps/apt-packages.txt)")
+    snapshots = BootSnapshots(tmp_path, "tcg", "qemu-system-x86_64")
+    blank = snapshots.path_for(128, 2, _disk(tmp_path / "blank.qcow2"))
+    assert blank is not None and blank.parent == tmp_path / "boot-snapshots"
+    assert snapshots.path_for(128, 1, _disk(tmp_path / "other.qcow2")) != blank  # the vCPUs are in the key
+    assert snapshots.path_for(128, 2, _disk(tmp_path / "written.qcow2", written=True)) is None
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(tmp_path / "blank.qcow2"),
+                    "-F", "qcow2", str(tmp_path / "overlay.qcow2")], check=True)
+    assert snapshots.path_for(128, 2, str(tmp_path / "overlay.qcow2")) is None
+
+
+@pytest.fixture
+def driver(tmp_path: Path) -> Iterator[QemuDriver]:
+    if os.geteuid() != 0 or not (IMAGE_DIR / "vmlinux").exists():
+        pytest.skip(f"needs root and the qemu role's guest image in {IMAGE_DIR} (testbed lab up)")
+    parent = f"tsnap{os.getpid()}"
+    hosts = [Host(pm, "127.0.0.1", 1.0, 4, cgroup_parent=parent) for pm in ("pma", "pmb")]
+    for host in hosts:
+        for controller in CONTROLLERS:
+            host.cgroup(controller).mkdir(parents=True, exist_ok=True)
+        (host.cgroup("cpu") / "cpu.cfs_quota_us").write_text("100000")
+    image = tmp_path / "image"  # the role's image, but snapshots of this test's own
+    image.mkdir()
+    for name in ("vmlinux", "initramfs.cpio", "inputs.sha256"):
+        (image / name).symlink_to(IMAGE_DIR / name)
+    made = QemuDriver(hosts, state_dir=tmp_path / "vms", image_dir=image, accel="tcg")  # snapshots by default
+    yield made
+    for info in made.list_vms():
+        made.destroy_vm(info.name)
+    groups = [host.cgroup(c) for host in hosts for c in CONTROLLERS]
+    for group in [*groups, *{group.parent for group in groups}]:  # the PMs', then their parents
+        for _ in range(50):  # a QEMU that just exited may still be leaving its cgroup
+            try:
+                group.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_second_vm_starts_from_the_first_ones_boot_and_works_and_migrates(driver: QemuDriver,
+                                                                            tmp_path: Path) -> None:
+    began = time.monotonic()
+    driver.create_vm(VMSpec("snap-a", 128, 2, _disk(tmp_path / "a.qcow2")), "pma")
+    booted_s = time.monotonic() - began
+    saved = list((tmp_path / "image" / "boot-snapshots").glob("*.state"))
+    assert len(saved) == 1
+
+    began = time.monotonic()
+    driver.create_vm(VMSpec("snap-b", 128, 2, _disk(tmp_path / "b.qcow2")), "pmb")
+    restored_s = time.monotonic() - began
+    print(f"boot {booted_s:.1f} s, start from the snapshot {restored_s:.1f} s")
+    assert "@ready" not in (tmp_path / "vms" / "snap-b" / "console.log").read_text()  # it never booted
+    assert {(i.name, i.host, i.running) for i in driver.list_vms()} == {("snap-a", "pma", True),
+                                                                       ("snap-b", "pmb", True)}
+    quota = int((driver.hosts()[1].cgroup("cpu") / "snap-b" / "cpu.cfs_quota_us").read_text())
+    assert quota == 2 / 4 * 100_000  # capped like a booted VM
+
+    run = driver.start_workload("snap-b", ["synthetic1", "20"])
+    done = driver.wait_workload("snap-b", run.id, 120)
+    assert done.exit_status == 0 and [text for _, text in done.output][-1] == "done 20"
+
+    record = driver.migrate("snap-b", "pma", MigrationMode.PRECOPY)
+    assert record.status == "completed", record
+    again = driver.start_workload("snap-b", ["synthetic1", "5"])
+    assert driver.wait_workload("snap-b", again.id, 120).exit_status == 0
