@@ -13,12 +13,17 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 
 import pytest
 
 from testbed.commands.lab import PLAYBOOKS
 from testbed.commands.lab import run_playbook as _run
+from testbed.errors import InputError
 from testbed.lab import DEFAULT_INVENTORY, Lab, load_lab
+from testbed.runner.lock import campaign_lock
+
+LOCK_WAIT_S = 3600.0  # a campaign on the lab (the main job) may hold it this long before tests give up
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -41,14 +46,33 @@ def embedded_lab() -> Iterator[Lab]:
     if os.geteuid() != 0:
         pytest.skip("the embedded lab needs root (namespaces, cgroups, sshd)")
     lab = load_lab(DEFAULT_INVENTORY)
-    started = time.monotonic()
-    _playbook("site.yml")
-    print(f"embedded lab provisioned in {time.monotonic() - started:.1f} s")
-    yield lab
-    if os.environ.get("TESTBED_KEEP_LAB") == "1":  # several people testing on one lab at once
-        print("TESTBED_KEEP_LAB=1: the embedded lab is left up")
-        return
-    _playbook("teardown.yml")
+    with _campaign_lock(lab):
+        started = time.monotonic()
+        _playbook("site.yml")
+        print(f"embedded lab provisioned in {time.monotonic() - started:.1f} s")
+        yield lab
+        if os.environ.get("TESTBED_KEEP_LAB") == "1":  # several people testing on one lab at once
+            print("TESTBED_KEEP_LAB=1: the embedded lab is left up")
+            return
+        _playbook("teardown.yml")
+
+
+@contextmanager
+def _campaign_lock(lab: Lab) -> Iterator[None]:
+    """Hold the lab as a campaign does (testbed.runner.lock) for the whole session: tests would
+    spoil a campaign running on it (and it them); wait for one to end, up to LOCK_WAIT_S."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    with ExitStack() as held:
+        while True:
+            try:
+                held.enter_context(campaign_lock(lab.inventory, f"pytest (pid {os.getpid()})"))
+                break
+            except InputError as busy:
+                if time.monotonic() > deadline:
+                    raise
+                print(f"waiting: {busy}", flush=True)
+                time.sleep(30)
+        yield
 
 
 @pytest.fixture(scope="session")

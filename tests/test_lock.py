@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from testbed.errors import InputError
-from testbed.runner.lock import campaign_lock
+from testbed.runner.lock import campaign_lock, lock_path
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from testbed.runner.lock import campaign_lock
+from testbed.runner.lock import campaign_lock, lock_path
 with campaign_lock(Path(sys.argv[1]), "exp1 -> results/x", Path(sys.argv[2])):
     print("held", flush=True)
     time.sleep(60)
@@ -33,7 +33,13 @@ def test_a_second_campaign_is_refused_until_the_first_holder_dies(tmp_path: Path
     finally:
         holder.kill()
         holder.wait()
-    # the kernel released the dead holder's lock: it can be taken, and then it is held
-    with campaign_lock(inventory, "exp2", locks), pytest.raises(InputError, match="exp2"), \
-            campaign_lock(inventory, "exp3", locks):
-        pass
+    with campaign_lock(inventory, "exp2", locks):  # the kernel released the dead holder's lock
+        assert "exp2" in lock_path(inventory, locks).read_text()
+
+
+def test_a_process_started_by_the_holder_runs_under_its_lock(tmp_path: Path) -> None:
+    inventory, locks = tmp_path / "inventory", tmp_path / "locks"
+    with campaign_lock(inventory, "pytest", locks):
+        child = subprocess.run([sys.executable, "-c", HOLD.replace("time.sleep(60)", "pass"), str(inventory),
+                                str(locks)], capture_output=True, text=True, timeout=60, check=False)
+        assert child.returncode == 0 and child.stdout.strip() == "held", child.stderr

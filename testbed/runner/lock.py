@@ -21,6 +21,7 @@ from testbed.errors import InputError
 
 #: Where the lock lives: beside this machine's other testbed state, one per inventory.
 LOCK_DIR = Path("/var/lib/testbed/locks")
+HELD_ENV = "TESTBED_LAB_LOCK"  # the lock this process (or its parent) holds
 
 
 def lock_path(inventory: Path, lock_dir: Path = LOCK_DIR) -> Path:
@@ -31,8 +32,12 @@ def lock_path(inventory: Path, lock_dir: Path = LOCK_DIR) -> Path:
 
 @contextlib.contextmanager
 def campaign_lock(inventory: Path, what: str, lock_dir: Path = LOCK_DIR) -> Iterator[None]:
-    """Hold the lab's campaign lock (flock: released by the kernel if the holder dies)."""
+    """Hold the lab's campaign lock (flock: released by the kernel if the holder dies). A process
+    started by the holder (a test session's `testbed run`) finds it in HELD_ENV and runs under it."""
     path = lock_path(inventory, lock_dir)
+    if os.environ.get(HELD_ENV) == str(path):
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+") as handle:
         try:
@@ -47,7 +52,9 @@ def campaign_lock(inventory: Path, what: str, lock_dir: Path = LOCK_DIR) -> Iter
         handle.write(json.dumps({"pid": os.getpid(), "what": what,
                                  "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
         handle.flush()
+        os.environ[HELD_ENV] = str(path)
         try:
             yield
         finally:
+            del os.environ[HELD_ENV]
             handle.truncate(0)
