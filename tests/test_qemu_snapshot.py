@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -97,3 +98,20 @@ def test_a_second_vm_starts_from_the_first_ones_boot_and_works_and_migrates(driv
     assert record.status == "completed", record
     again = driver.start_workload("snap-b", ["synthetic1", "5"])
     assert driver.wait_workload("snap-b", again.id, 120).exit_status == 0
+
+
+@pytest.mark.slow
+def test_a_vm_that_died_by_itself_leaves_its_logs(driver: QemuDriver, tmp_path: Path) -> None:
+    driver.create_vm(VMSpec("snap-c", 128, 1, _disk(tmp_path / "c.qcow2")), "pma")
+    pid = int((tmp_path / "vms" / "snap-c" / "pma.pid").read_text())
+    os.kill(pid, signal.SIGKILL)  # as a guest panic ends QEMU (-no-reboot), from outside the driver
+    deadline = time.monotonic() + 10
+    while any(i.running for i in driver.list_vms()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    driver.destroy_vm("snap-c")
+    (kept,) = (tmp_path / "vms" / "crashed").iterdir()
+    assert kept.name.startswith("snap-c-") and (kept / "console.log").exists() and (kept / "pma.log").exists()
+
+    driver.create_vm(VMSpec("snap-d", 128, 1, _disk(tmp_path / "d.qcow2")), "pma")
+    driver.destroy_vm("snap-d")  # destroyed while it ran: nothing to keep
+    assert len(list((tmp_path / "vms" / "crashed").iterdir())) == 1

@@ -61,6 +61,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,40}$")
 
 
 REAP_PERIOD_S = 2.0
+CRASHED_KEPT = 50  # crashed VMs whose logs are kept
 RESTORE_TIMEOUT_S = 30.0  # a guest started from its boot snapshot answers in ~1 s (2 cores, busy)
 READY_LISTEN_S = 20.0  # a guest boots in ~5 s alone, ~20 s with 9 booting on 2 cores
 
@@ -430,9 +431,23 @@ class QemuDriver:
         console = self._consoles.pop(vm, None)
         if console is not None:
             console.close()
-        for pidfile in vm_dir.glob("*.pid"):
+        pidfiles = list(vm_dir.glob("*.pid"))
+        if pidfiles and not any(_alive(self._instance(vm, p.stem).pid()) for p in pidfiles):
+            self._keep_remains(vm)
+        for pidfile in pidfiles:
             self._stop_instance(vm, self._host(pidfile.stem))
         shutil.rmtree(vm_dir, ignore_errors=True)
+
+    def _keep_remains(self, vm: str) -> None:
+        """A VM whose QEMU ended by itself (a guest panic ends it: -no-reboot) keeps its console
+        and QEMU logs in state_dir/crashed/ (the newest CRASHED_KEPT), to say why it died."""
+        crashed = self.state_dir / "crashed"
+        dest = crashed / f"{vm}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+        dest.mkdir(parents=True, exist_ok=True)
+        for log in self._vm_dir(vm).glob("*.log"):
+            shutil.copy2(log, dest / log.name)
+        for old in sorted(crashed.iterdir(), key=lambda p: p.stat().st_mtime)[:-CRASHED_KEPT]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def _stop_instance(self, vm: str, host: Host) -> None:
         """Quit one QEMU process of the VM (SIGKILL if QMP fails) and remove its traces."""
