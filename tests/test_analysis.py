@@ -101,3 +101,42 @@ def test_testbed_report_is_one_self_contained_page(campaign_dir, tmp_path):
     assert "src=\"http" not in page and "<link" not in page
     assert "invalid: 1, ok: 18" in page and "&quot;pms&quot;: 3" in page
     assert f"<li><code>{INVALID}</code>: invalid" in page  # listed as left out, drawn nowhere
+
+
+def test_variant_label_names_mode_and_concurrency_only_when_they_vary():
+    from testbed.analysis.data import variant_label, varying_axes
+
+    row = {"layout": "unbalanced", "migration": True, "mode": "precopy", "link_rate": "",
+           "compression": "none", "concurrency": "10"}
+    assert variant_label(row) == "unbalanced, migration"
+    assert variant_label(row, frozenset({"mode", "concurrency"})) == "unbalanced, migration, precopy, 10 at once"
+    import pandas as pd
+
+    runs = pd.DataFrame({"mode": ["", "precopy", "stopcopy"], "concurrency": ["1", "1", "1"]})
+    assert varying_axes(runs) == {"mode"}
+
+
+def test_plot_aggregates_above_the_per_vm_and_per_pm_limits(tmp_path):
+    """60 VMs on 20 PMs (simulated, seconds): a box per variant instead of 60 bars, the PMs' load
+    spread instead of 20 panels, and each sidecar says so; labels tell the two modes apart."""
+    from testbed.analysis.plots import PER_PM_UP_TO, PER_VM_UP_TO, plot_all
+    from testbed.sim.calibration import Calibration
+    from testbed.sim.executor import SimExecutor
+    from testbed.spec import parse_spec
+
+    spec = parse_spec({"name": "wide", "techniques": ["sim"], "app": "synthetic-random", "vms": 60, "pms": 20,
+                       "matrix": {"layout": ["unbalanced"], "migration": [True], "mode": ["precopy", "stopcopy"]},
+                       "repetitions": 1, "scale": 0.1})
+    assert spec.vms > PER_VM_UP_TO and spec.pms > PER_PM_UP_TO
+    executor = SimExecutor(Calibration(), "defaults")
+    with ResultsStore(tmp_path / "wide") as store:
+        run_campaign(spec, store, executor, provenance=executor.manifest_fields())
+    drawn = plot_all(load(tmp_path / "wide"))
+    figures = {f.kind: f for f in drawn}
+    notes = {kind: json.loads(f.files[0].with_suffix(".json").read_text()).get("note", "") for kind, f in
+             figures.items()}
+    assert "a box per variant" in notes["exec_time_by_variant"]
+    assert "per-VM panels left out" in notes["technique_comparison"]
+    assert "spread of the PMs' load" in notes["cpu_timeline"]
+    timelines = [f.title for f in drawn if f.kind == "cpu_timeline"]
+    assert any("precopy" in t for t in timelines) and any("stopcopy" in t for t in timelines)

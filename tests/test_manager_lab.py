@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
-import httpx
 import pytest
+from manager_helpers import wait_answering
 
 from testbed.drivers.base import VMSpec
 from testbed.drivers.qemu import QemuDriver
@@ -37,30 +37,13 @@ SETTLE = WINDOW + 1.0  # a load change is fully inside the window after this
 BUSY = ["synthetic1", "400000", "100000"]  # bounded; the VMs are destroyed at the end anyway
 
 
-def _wait_answering(clients: dict[str, ManagerClient], path: str, timeout_s: float) -> None:
-    """Until every daemon answers `path` (a daemon just (re)started reads the inventory first)."""
-    deadline = time.monotonic() + timeout_s
-    waiting = dict(clients)
-    while waiting:
-        for host, client in list(waiting.items()):
-            try:
-                client.get(path)
-                del waiting[host]
-            except httpx.HTTPError:
-                pass
-        assert time.monotonic() < deadline, (
-            f"no manager daemon answers {path} on {sorted(waiting)}: the balancer role must run "
-            "`testbed manager lc` on every PM and `testbed manager cc` on the controller (docs/manager.md)")
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def manager(embedded_lab: Lab) -> Iterator[tuple[Lab, dict[str, ManagerClient]]]:
     token = load_token(embedded_lab.state_dir / "manager.token")
     lcs = {pm.name: ManagerClient(url_for(pm.address, LC_PORT), token) for pm in embedded_lab.pms}
     role_cc = ManagerClient(url_for(embedded_lab.controller.address, CC_PORT), token)
-    _wait_answering(lcs, "/v1/sample", timeout_s=90)
-    _wait_answering({embedded_lab.controller.name: role_cc}, "/v1/status", timeout_s=90)
+    wait_answering(lcs, "/v1/sample", timeout_s=90)
+    wait_answering({embedded_lab.controller.name: role_cc}, "/v1/status", timeout_s=90)
     role_cc.post("/v1/pause")
     yield embedded_lab, lcs
     role_cc.post("/v1/resume")

@@ -141,7 +141,8 @@ RECAP = re.compile(
 
 def write_inventory(path: Path, technique: str) -> Path:
     """The modern profile's settings for the test hosts (the example's addresses are a real
-    site's). chronyd runs with -x: the hosts share this machine's clock."""
+    site's). chronyd runs with -x: the hosts share this machine's clock. The VM manager's token
+    on this machine is the test's own (`token_file(path)`), not the embedded lab's."""
     import yaml
 
     (path / "group_vars").mkdir(parents=True, exist_ok=True)
@@ -169,6 +170,7 @@ def write_inventory(path: Path, technique: str) -> Path:
         "testbed_capacity": 0.5,
         "testbed_technique": technique,
         "ntp_discipline": False,
+        "balancer_local_token_file": str(token_file(path)),
     }
     (path / "group_vars/all.yml").write_text(yaml.safe_dump(modern))
     lab = yaml.safe_load((REPO / "inventory/example-modern/group_vars/lab.yml").read_text())
@@ -180,7 +182,16 @@ def write_inventory(path: Path, technique: str) -> Path:
     return path
 
 
-def play(inventory: Path, *playbooks: str, check: bool = False) -> dict[str, int]:
+def token_file(inventory: Path) -> Path:
+    return inventory.with_name(inventory.name + ".token")
+
+
+def play(
+    inventory: Path,
+    *playbooks: str,
+    check: bool = False,
+    limit: str | None = None,
+) -> dict[str, int]:
     """Run playbooks in order; per host, the tasks they changed in all (fails on a failure)."""
     changed: dict[str, int] = {}
     for playbook in playbooks:
@@ -191,6 +202,7 @@ def play(inventory: Path, *playbooks: str, check: bool = False) -> dict[str, int
                 str(inventory),
                 f"playbooks/{playbook}",
                 *(["--check"] if check else []),
+                *(["--limit", limit] if limit else []),
             ],
             timeout=1200,
         )
@@ -217,17 +229,9 @@ def debian_hosts() -> Iterator[None]:
         subprocess.run(["bash", str(HOSTS_SCRIPT), "down"], capture_output=True, timeout=120, check=False)
 
 
-@pytest.mark.lab
-@pytest.mark.slow
-def test_debian_paths_provision_fresh_hosts_idempotently(debian_hosts: None, tmp_path: Path) -> None:
-    """common, ntp and the container and kvm techniques (criu, libvirt) on fresh Debian 12 hosts:
-    the first run changes them, the second changes nothing."""
-    for technique in ("container", "kvm"):
-        inventory = write_inventory(tmp_path / technique, technique)
-        first = play(inventory, "common.yml", "ntp.yml", "technique.yml")
-        assert first["tr-pm1"] > 0
-        assert play(inventory, "common.yml", "ntp.yml", "technique.yml") == {"tr-ctl": 0, "tr-pm1": 0}
-    pm1 = [
+def on_host(name: str) -> list[str]:
+    """`ssh` to a test host as root; append one shell command line."""
+    return [
         "ssh",
         "-i",
         str(KEY),
@@ -239,9 +243,21 @@ def test_debian_paths_provision_fresh_hosts_idempotently(debian_hosts: None, tmp
         "UserKnownHostsFile=/dev/null",
         "-o",
         "LogLevel=error",
-        "root@" + TEST_HOSTS["tr-pm1"],
+        "root@" + TEST_HOSTS[name],
     ]
-    state = run([*pm1, "cat /var/lib/testbed/criu-check; systemctl is-active libvirtd chrony"])
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_debian_paths_provision_fresh_hosts_idempotently(debian_hosts: None, tmp_path: Path) -> None:
+    """common, ntp and the container and kvm techniques (criu, libvirt) on fresh Debian 12 hosts:
+    the first run changes them, the second changes nothing."""
+    for technique in ("container", "kvm"):
+        inventory = write_inventory(tmp_path / technique, technique)
+        first = play(inventory, "common.yml", "ntp.yml", "technique.yml")
+        assert first["tr-pm1"] > 0
+        assert play(inventory, "common.yml", "ntp.yml", "technique.yml") == {"tr-ctl": 0, "tr-pm1": 0}
+    state = run([*on_host("tr-pm1"), "cat /var/lib/testbed/criu-check; systemctl is-active libvirtd chrony"])
     assert state.stdout.split() in (["ok", "active", "active"], ["fail", "active", "active"]), state
 
 
@@ -251,6 +267,86 @@ def test_debian_paths_that_cannot_run_here_pass_check_mode(debian_hosts: None, t
     """Kernel NFS (no nfsd here) and Xen (no hypervisor to boot) are covered in --check mode."""
     inventory = write_inventory(tmp_path / "xen", "xen")
     assert play(inventory, "common.yml", "vm_storage.yml", "technique.yml", check=True)["tr-pm1"] > 0
+
+
+# The real-lab branch of the balancer role: tr-ctl's Central Controller as a systemd unit. The
+# limits keep every play off this machine's embedded lab (teardown.yml's localhost play).
+CC_STATUS = f"http://{TEST_HOSTS['tr-ctl']}:7421/v1/status"
+LC_SAMPLE = f"http://{TEST_HOSTS['tr-pm1']}:7420/v1/sample"
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_balancer_runs_the_central_controller_as_a_systemd_unit(debian_hosts: None, tmp_path: Path) -> None:
+    """The package from a wheelhouse (no package index on the host), the inventory and the 0600
+    token under /etc/testbed, the CC as an enabled unit that answers only with the token and
+    that `testbed manager status` reaches; a second run changes nothing; teardown stops it."""
+    import json
+
+    import httpx
+
+    inventory = write_inventory(tmp_path / "lab", "container")
+    assert play(inventory, "balancer.yml", limit="tr-ctl")["tr-ctl"] > 0
+    assert play(inventory, "balancer.yml", limit="tr-ctl") == {"tr-ctl": 0}
+    state = run(
+        [
+            *on_host("tr-ctl"),
+            "systemctl is-active testbed-cc; systemctl is-enabled testbed-cc; stat -c %a /etc/testbed/manager.token",
+        ]
+    )
+    assert state.stdout.split() == ["active", "enabled", "600"], state
+    assert httpx.get(CC_STATUS, timeout=10).status_code == 401
+    assert httpx.get(CC_STATUS, headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 401
+    status = run(
+        [
+            str(BIN / "testbed"),
+            "manager",
+            "status",
+            "-i",
+            str(inventory),
+            "--token-file",
+            str(token_file(inventory)),
+        ]
+    )
+    assert status.returncode == 0, status.stdout + status.stderr
+    cc = json.loads(status.stdout)["cc"]
+    assert cc["reachable"] and cc["config"]["dry_run"] and list(cc["lcs"]) == ["tr-pm1"], cc
+    assert play(inventory, "teardown.yml", limit="tr-ctl")["tr-ctl"] == 1
+    state = run([*on_host("tr-ctl"), "systemctl is-active testbed-cc; systemctl is-enabled testbed-cc"])
+    assert state.stdout.split() == ["inactive", "disabled"], state
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_balancer_runs_a_local_controller_on_a_real_pm(debian_hosts: None, tmp_path: Path) -> None:
+    """tr-pm1's LC as a systemd unit answering only with the token. Known gap (an xfail, only for
+    that exact failure): the LC samples the embedded lab's cgroups (/sys/fs/cgroup/cpu/testbed/<pm>),
+    which a real PM lacks, so it exits at start and the role times out waiting for its port."""
+    import json
+
+    import httpx
+
+    inventory = write_inventory(tmp_path / "lab", "container")
+    proc = run(
+        [
+            str(BIN / "ansible-playbook"),
+            "-i",
+            str(inventory),
+            "playbooks/balancer.yml",
+            "--limit",
+            "tr-pm1",
+            "--extra-vars",
+            json.dumps({"balancer_wait_timeout": 20}),
+        ],
+        timeout=1200,
+    )
+    if "tr-pm1: testbed-lc does not answer on" in proc.stdout:
+        pytest.xfail("the LC cannot sample a real PM yet (testbed/manager/local.py: embedded cgroups only)")
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    token = token_file(inventory).read_text().strip()
+    assert httpx.get(LC_SAMPLE, timeout=10).status_code == 401
+    sample = httpx.get(LC_SAMPLE, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert sample.status_code == 200 and sample.json()["host"] == "tr-pm1", sample.text
 
 
 ANSIBLE_2010 = Path("/var/cache/testbed/ansible-2.12")

@@ -84,6 +84,17 @@ def test_stopcopy_downtime_is_total_and_postcopy_stops_briefly():
     assert p.downtime_s == pytest.approx(0.043) and p.total_s == pytest.approx(0.5 + 10.0)
 
 
+def test_every_mode_moves_only_the_memory_fraction():
+    """QEMU sends a zero page as a header: a 100 MB guest with 60 % non-zero memory moves 60 MB."""
+    cal = CAL.model_copy(update={"memory_fraction": 0.6})
+    for mode in ("stopcopy", "postcopy"):
+        assert plan(mode, 100e6, 0.0, 10e6, cal).bytes == 60_000_000
+    idle = plan("precopy", 100e6, 0.0, 10e6, cal)
+    assert idle.bytes == 60_000_000 and idle.total_s == pytest.approx(0.5 + 6.0)
+    busy = plan("precopy", 100e6, 1e6, 10e6, cal)  # lambda 0.1: 60 MB, then 6 MB dirtied meanwhile...
+    assert busy.rounds == 2 and busy.bytes == pytest.approx(60e6 * (1 + 0.1 + 0.01), abs=1)
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     st.sampled_from(["precopy", "stopcopy", "postcopy"]),
@@ -94,7 +105,7 @@ def test_stopcopy_downtime_is_total_and_postcopy_stops_briefly():
 def test_downtime_never_exceeds_total(mode, memory, dirty, rate):
     p = plan(mode, memory, dirty, rate, CAL)
     assert 0 <= p.downtime_s <= p.total_s + 1e-9
-    assert p.bytes >= (memory * CAL.dump_fraction if mode == "stopcopy" else memory) - 1
+    assert p.bytes >= memory * CAL.memory_fraction - 1
     assert 1 <= precopy_rounds(memory, dirty, rate, CAL.downtime_limit_s, CAL.max_rounds) <= CAL.max_rounds
 
 
@@ -149,6 +160,38 @@ def test_work_is_conserved_and_no_pm_exceeds_its_capacity(mode):
     assert used == pytest.approx(asked, rel=1e-6)
     assert max(float(p.max()) for p in out.host_pct) <= 100 + 1e-6
     assert build_engine(sc).vm_used.sum() == 0
+
+
+def test_contention_slows_a_squeezed_vm_more_than_in_proportion():
+    """A share s does s^2 / (s + c) CPUs of work: alone (s = 0.3) and one of 7 (s = 0.6 / 7)."""
+    cal = CAL.model_copy(update={"contention_cpus": 0.04})
+    blocks = 1000
+    work = 2 * blocks * cal.cpu_s_per_block  # two instances per VM
+
+    def exec_times(placement):
+        sc = scenario(
+            pms=3,
+            placement=placement,
+            app="synthetic1",
+            instances=2,
+            scale=blocks / 18_000,
+            seeds=[0] * len(placement),
+            start_s=[0.0] * len(placement),
+            vcpus=2,
+            memory_mb=100,
+            cal=cal,
+            cluster=Cluster(),
+            link_rate=None,
+            policy=None,
+            params={},
+            mode="precopy",
+            interval_s=10.0,
+            cooldown_s=60.0,
+        )
+        return simulate(sc).exec_time_s
+
+    for s, t in ((0.3, exec_times([1])[0]), (0.6 / 7, exec_times([1] * 7)[0])):
+        assert t == pytest.approx(work * (s + 0.04) / s**2, rel=1e-6)
 
 
 def test_no_vm_is_in_two_places_and_a_stopped_vm_uses_nothing():

@@ -23,7 +23,7 @@ from testbed.spec import parse_spec
 KNOWN = Calibration(
     cpu_s_per_block=3e-4,
     link_efficiency=0.8,
-    dump_fraction=0.7,
+    memory_fraction=0.7,
     modes={
         "precopy": ModeCosts(fixed_s=0.7, stop_fixed_s=0.05),
         "stopcopy": ModeCosts(fixed_s=1.5, stop_fixed_s=1.5),
@@ -70,7 +70,7 @@ def test_calibration_recovers_the_models_own_parameters(tmp_path):
     fitted = calibrate(_campaign(tmp_path / "c", spec, known))
     assert fitted.cpu_s_per_block == pytest.approx(3e-4, rel=1e-3)
     assert fitted.link_efficiency == pytest.approx(0.8, rel=1e-3)
-    assert fitted.dump_fraction == pytest.approx(0.7, rel=1e-3)
+    assert fitted.memory_fraction == pytest.approx(0.7, rel=1e-3)
     for mode in ("stopcopy", "precopy"):
         assert fitted.fitted[f"migration.{mode}"]["fit"] == "line"
         assert fitted.modes[mode].fixed_s == pytest.approx(known.modes[mode].fixed_s, rel=1e-3)
@@ -129,6 +129,79 @@ def test_validation_table_compares_lab_and_simulator(tmp_path):
     assert table["diff_pct"].between(0, 6).all()
     with pytest.raises(InputError, match="not a simulated campaign"):
         compare(sim, lab)
+
+
+def _as_lab(directory):
+    """A simulated campaign standing in for a lab one: the same rows without the simulated flag."""
+    write_atomic(directory / "manifest.json", json.dumps(read_manifest(directory) | {"simulated": False}))
+    return directory
+
+
+def test_calibration_recovers_contention_and_precopy_memory_fraction(tmp_path):
+    """Crowded and lone VMs (7/1/1) separate the work from the contention; a pre-copy-only
+    campaign gives the memory fraction QEMU really sends through the downtime."""
+    known = Calibration(
+        contention_cpus=0.04,
+        memory_fraction=0.6,
+        dirty_mb_s={"synthetic1": 2.0},
+        modes={**Calibration().modes, "precopy": ModeCosts(fixed_s=0.2, stop_fixed_s=0.043)},
+    )
+    fitted = calibrate(_campaign(tmp_path / "c", _spec(repetitions=1, balancer={"mode": "precopy"}), known))
+    assert fitted.contention_cpus == pytest.approx(0.04, rel=0.02)
+    assert fitted.cpu_s_per_block == pytest.approx(known.cpu_s_per_block, rel=0.01)
+    assert fitted.memory_fraction == pytest.approx(0.6, rel=0.02)
+    assert fitted.dirty_mb_s["synthetic1"] == pytest.approx(2.0, rel=0.05)
+    assert fitted.modes["precopy"].fixed_s == pytest.approx(0.2, abs=0.01)
+
+
+def test_run_technique_sim_then_plot_and_report_show_the_lab_side_by_side(tmp_path, capsys):
+    """`testbed calibrate` of two lab campaigns, `testbed run SPEC --technique sim` with it, then
+    `testbed plot` / `testbed report` find the lab campaign of the same experiment on their own."""
+    spec = _spec(repetitions=1, techniques=["qemu"])
+    lab = _as_lab(_campaign(tmp_path / "lab", spec, KNOWN))
+    other = _as_lab(_campaign(tmp_path / "other", _spec(name="other", repetitions=1), KNOWN))
+    cal = tmp_path / "cal.json"
+    assert main(["calibrate", str(lab), str(other), "--out", str(cal)]) == 0
+    assert load_calibration(cal)[0].sources == [str(lab.resolve()), str(other.resolve())]
+    spec_file = tmp_path / "spec.yml"
+    spec_file.write_text(json.dumps(spec.model_dump(mode="json")))
+    sim = tmp_path / "sim"
+    argv = ["run", str(spec_file), "--technique", "sim", "--calibration", str(cal), "--results", str(sim)]
+    assert main(argv) == 0
+    assert "SIMULATED" in capsys.readouterr().out and (sim / "SIMULATED").exists()
+    assert main(["plot", str(sim)]) == 0
+    sidecar = json.loads((sim / "figures" / "validation.json").read_text())
+    assert (
+        sidecar["title"].startswith("SIMULATED — Simulator vs lab") and str(lab.resolve()) in sidecar["note"]
+    )
+    assert main(["report", str(sim)]) == 0
+    html = (sim / "report.html").read_text()
+    assert "SIMULATED: the simulator against the lab" in html and "every variant is within" in html
+    assert main(["run", str(spec_file), "--technique", "sim", "--technique", "qemu"]) == 2
+    assert "sim runs alone" in capsys.readouterr().err
+
+
+def test_validation_names_how_much_of_their_quota_the_labs_saturated_pms_got(tmp_path):
+    lab = _as_lab(_campaign(tmp_path / "lab", _spec(repetitions=1), KNOWN))
+    table = compare(lab, _campaign(tmp_path / "sim", _spec(repetitions=1), KNOWN), 10.0)
+    assert table["diff_pct"].abs().max() < 1e-6
+    # the simulator always serves a PM its quota: 7 busy 2-vCPU VMs on a 4-core PM saturate it
+    unbalanced = table[(table["layout"] == "unbalanced") & ~table["migration"]]
+    assert unbalanced["lab_saturated_pct"].iloc[0] == pytest.approx(100.0, abs=0.5)
+
+
+def test_calibrated_simulator_reproduces_a_recorded_lab_campaign(tmp_path):
+    """Issue 9's gate on real data: calibrated from a recorded embedded-lab Exp. 1
+    (tests/data/lab-exp1-qemu-s0.05), the simulator runs the same spec within 10 % per variant."""
+    from pathlib import Path
+
+    lab = Path(__file__).parent / "data" / "lab-exp1-qemu-s0.05"
+    cal = calibrate(lab)
+    assert cal.contention_cpus > 0 and 0 < cal.memory_fraction < 1  # crowding and zero pages seen
+    spec = parse_spec(read_manifest(lab)["spec"] | {"techniques": ["sim"]})
+    table = compare(lab, _campaign(tmp_path / "sim", spec, cal), 10.0)
+    assert len(table) == 3 and table["within"].all(), table
+    assert (table["lab_saturated_pct"] > 90).all()  # the lab's PMs got their quota
 
 
 def test_calibration_file_round_trips_and_bad_files_fail_on_one_line(tmp_path):

@@ -19,7 +19,9 @@ from testbed.errors import InputError
 from testbed.results import TABLES, read_manifest, read_table
 
 #: Columns naming a variant besides the migration switch (a with/without pair shares them).
-TWIN_KEYS = ["technique", "app", "layout", "mode", "link_rate", "compression"]
+TWIN_KEYS = ["technique", "app", "layout", "mode", "link_rate", "compression", "concurrency"]
+#: Axes a label names only when they take more than one value in a campaign (variant_label).
+LABEL_WHEN_VARYING = ("mode", "concurrency")
 VARIANT_KEYS = [*TWIN_KEYS[:3], "migration", *TWIN_KEYS[3:]]
 
 
@@ -70,7 +72,7 @@ def _with_variants(runs: pd.DataFrame, variants: dict[str, dict[str, Any]]) -> p
     )
     ids = [_variant_id(r.run_id, r.technique) for r in runs.itertuples()]
     runs["variant"] = ids
-    for key in ("mode", "link_rate", "compression"):
+    for key in ("mode", "link_rate", "compression", "concurrency"):
         runs[key] = [str(variants.get(v, {}).get(key) or "") for v in ids]
     return runs
 
@@ -80,12 +82,23 @@ def _variant_id(run_id: str, technique: str) -> str:
     return run_id.removeprefix(f"{technique}.").rsplit(".r", 1)[0]
 
 
-def variant_label(row: Any) -> str:
-    """`unbalanced, migration` as the thesis names variants, plus the axes Appendix A varies."""
+def varying_axes(runs: pd.DataFrame) -> frozenset[str]:
+    """The axes of LABEL_WHEN_VARYING that take more than one (non-empty) value among `runs`."""
+    return frozenset(k for k in LABEL_WHEN_VARYING if k in runs and runs.loc[runs[k] != "", k].nunique() > 1)
+
+
+def variant_label(row: Any, varying: frozenset[str] = frozenset()) -> str:
+    """`unbalanced, migration` as the thesis names variants, plus the axes Appendix A varies, and
+    the migration mode and concurrency when they vary in the campaign (`varying`, from
+    varying_axes), so two variants never share a label."""
     parts = [row["layout"], "migration" if row["migration"] else "no migration"]
+    if "mode" in varying and row["mode"]:
+        parts.append(row["mode"])
     parts += [row[k] for k in ("link_rate",) if row[k]]
     if row["compression"] and row["compression"] != "none":
         parts.append(row["compression"])
+    if "concurrency" in varying and row.get("concurrency"):
+        parts.append(f"{row['concurrency']} at once")
     return ", ".join(parts)
 
 

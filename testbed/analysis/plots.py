@@ -20,10 +20,16 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from testbed.analysis.data import Campaign, variant_label
+from testbed.analysis.appendix_a import phase_figure
+from testbed.analysis.data import Campaign, variant_label, varying_axes
 from testbed.lab import parse_rate
 
 FORMATS = ("png", "svg")
+#: Above this many VMs a figure shows each variant's distribution over VMs instead of a bar per VM
+#: (3,000 bars are unreadable), and above this many PMs a CPU timeline shows the spread of the
+#: PMs' load instead of a panel per PM; the sidecar says so.
+PER_VM_UP_TO = 40
+PER_PM_UP_TO = 12
 #: Variants in the thesis' order: balanced before unbalanced, no migration before migration.
 VARIANT_ORDER = ["layout", "migration", "variant"]
 
@@ -50,7 +56,7 @@ def vm_colours(vms: Sequence[str]) -> dict[str, tuple[float, ...]]:
 
 
 def _save(c: Campaign, fig: Figure, out_dir: Path, name: str, kind: str, title: str,
-          run_ids: Sequence[str]) -> FigureInfo:
+          run_ids: Sequence[str], note: str | None = None) -> FigureInfo:
     out_dir.mkdir(parents=True, exist_ok=True)
     if c.manifest.get("simulated"):  # a simulator's campaign (testbed/sim) says so on every figure
         title = f"SIMULATED — {title}"
@@ -62,6 +68,8 @@ def _save(c: Campaign, fig: Figure, out_dir: Path, name: str, kind: str, title: 
         files.append(path)
     ids = tuple(sorted(set(run_ids)))
     sidecar = {"figure": name, "kind": kind, "title": title, "files": [p.name for p in files], "runs": list(ids)}
+    if note:
+        sidecar["note"] = note
     (out_dir / f"{name}.json").write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
     return FigureInfo(name, kind, title, tuple(files), ids)
 
@@ -74,6 +82,9 @@ def cpu_timeline(c: Campaign, run_id: str, out_dir: Path) -> FigureInfo:
     moves = c.migrations[c.migrations["run_id"] == run_id]
     per_vm = samples[samples["vm"] != ""]
     hosts = sorted(set(samples["host"]) | set(moves["source"]) | set(moves["destination"]), key=_natural)
+    title = f"CPU use per PM — {run['technique']}, {variant_label(run, varying_axes(c.runs))}, rep {run['rep']}"
+    if len(hosts) > PER_PM_UP_TO:
+        return _load_spread(c, run_id, samples, moves, len(hosts), out_dir, title)
     colours = vm_colours(sorted(set(c.vm_times["vm"]) | set(per_vm["vm"])))
     times = np.sort(samples["t_s"].unique())
     fig = Figure(figsize=(9, 2.2 * max(len(hosts), 1) + 0.6), layout="constrained")
@@ -94,10 +105,41 @@ def cpu_timeline(c: Campaign, run_id: str, out_dir: Path) -> FigureInfo:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("time since the run started (s)")
-    handles = [_patch(colours[vm]) for vm in colours]
-    fig.legend(handles, list(colours), loc="outside right upper", title="VM")
-    title = f"CPU use per PM — {run['technique']}, {variant_label(run)}, rep {run['rep']}"
-    return _save(c, fig, out_dir, f"cpu_timeline.{run_id}", "cpu_timeline", title, [run_id])
+    note = None
+    if len(colours) <= PER_VM_UP_TO:
+        fig.legend([_patch(colours[vm]) for vm in colours], list(colours), loc="outside right upper", title="VM")
+    else:
+        note = f"{len(colours)} VMs: no legend (more than {PER_VM_UP_TO}); colours repeat"
+    return _save(c, fig, out_dir, f"cpu_timeline.{run_id}", "cpu_timeline", title, [run_id], note)
+
+
+def _load_spread(c: Campaign, run_id: str, samples: pd.DataFrame, moves: pd.DataFrame, pms: int, out_dir: Path,
+                 title: str) -> FigureInfo:
+    """The CPU timeline of a run with more PMs than panels can show: the spread of the PMs' load
+    over time (min, quartiles, median, max, mean) and the migrations in flight."""
+    totals = samples[samples["vm"] == ""].pivot_table(index="t_s", columns="host", values="cpu_pct")
+    times = totals.index.to_numpy()
+    q = np.nanpercentile(totals.to_numpy(), [0, 25, 50, 75, 100], axis=1)
+    fig = Figure(figsize=(9, 5), layout="constrained")
+    load, flying = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    load.fill_between(times, q[0], q[4], step="post", alpha=0.2, label="min–max")
+    load.fill_between(times, q[1], q[3], step="post", alpha=0.4, label="quartiles")
+    load.step(times, q[2], where="post", label="median")
+    load.step(times, totals.mean(axis=1).to_numpy(), where="post", linestyle="--", label="mean")
+    load.set_ylabel(f"PM CPU % ({pms} PMs)")
+    load.set_ylim(bottom=0)
+    load.grid(alpha=0.3)
+    load.legend(fontsize=8)
+    run_start = c.runs.set_index("run_id").loc[run_id, "started_at"]
+    starts = np.array([(m - run_start).total_seconds() for m in moves["started_at"]])
+    ends = starts + moves["total_time_s"].to_numpy(float)
+    flying.step(times, [int(((starts <= t) & (ends > t)).sum()) for t in times], where="post")
+    flying.set_ylabel("migrations\nin flight")
+    flying.set_xlabel("time since the run started (s)")
+    flying.grid(alpha=0.3)
+    note = f"{pms} PMs: the spread of the PMs' load instead of a panel per PM (more than {PER_PM_UP_TO})"
+    return _save(c, fig, out_dir, f"cpu_timeline.{run_id}", "cpu_timeline", title.replace("per PM", "across PMs"),
+                 [run_id], note)
 
 
 def _patch(colour: tuple[float, ...]):
@@ -135,7 +177,8 @@ def _grouped_bars(ax: Axes, table: pd.DataFrame, x: str, group: str, order: Sequ
 def _per_vm(c: Campaign) -> pd.DataFrame:
     """Mean and std of each VM's execution time per technique and variant, over ok runs."""
     times = c.ok(c.vm_times)
-    times["label"] = [variant_label(r) for _, r in times.iterrows()] if not times.empty else []
+    varying = varying_axes(c.runs)
+    times["label"] = [variant_label(r, varying) for _, r in times.iterrows()] if not times.empty else []
     return times.groupby(["technique", "app", "variant", "label", *VARIANT_ORDER[:2], "vm"], as_index=False).agg(
         mean=("exec_time_s", "mean"), std=("exec_time_s", "std"), run_ids=("run_id", lambda s: sorted(set(s))))
 
@@ -145,14 +188,27 @@ def exec_time_by_variant(c: Campaign, technique: str, app: str, out_dir: Path) -
     table = _per_vm(c)
     table = table[(table["technique"] == technique) & (table["app"] == app)]
     order = list(dict.fromkeys(table.sort_values(VARIANT_ORDER)["label"]))
-    fig = Figure(figsize=(max(6, 0.9 * table["vm"].nunique() + 3), 4), layout="constrained")
+    ids = [i for ids in table["run_ids"] for i in ids]
+    name = f"exec_time.{technique}.{app}"
+    vms = table["vm"].nunique()
+    if vms > PER_VM_UP_TO:
+        fig = Figure(figsize=(max(6, 1.5 * len(order) + 2), 4), layout="constrained")
+        ax = fig.subplots()
+        ax.boxplot([table.loc[table["label"] == label, "mean"].to_numpy() for label in order], showmeans=True)
+        ax.set_xticks(np.arange(1, len(order) + 1), order, rotation=15, fontsize=8)
+        ax.set_ylabel("execution time per VM (s)")
+        ax.grid(axis="y", alpha=0.3)
+        return _save(c, fig, out_dir, name, "exec_time_by_variant",
+                     f"Execution time of {vms} VMs — {app} on {technique} (distribution of the VMs' means)", ids,
+                     f"{vms} VMs: a box per variant over the VMs' mean times, not a bar per VM "
+                     f"(more than {PER_VM_UP_TO})")
+    fig = Figure(figsize=(max(6, 0.9 * vms + 3), 4), layout="constrained")
     ax = fig.subplots()
     _grouped_bars(ax, table, "vm", "label", order)
     ax.set_xlabel("VM")
     ax.set_ylabel("execution time (s)")
     fig.legend(loc="outside right upper", fontsize=8, title="variant")
-    ids = [i for ids in table["run_ids"] for i in ids]
-    return _save(c, fig, out_dir, f"exec_time.{technique}.{app}", "exec_time_by_variant",
+    return _save(c, fig, out_dir, name, "exec_time_by_variant",
                  f"Execution time per VM — {app} on {technique} (mean ± std)", ids)
 
 
@@ -163,15 +219,19 @@ def technique_comparison(c: Campaign, app: str, out_dir: Path) -> FigureInfo:
     table = table[table["app"] == app]
     labels = list(dict.fromkeys(table.sort_values(VARIANT_ORDER)["label"]))
     techniques = sorted(table["technique"].unique())
-    fig = Figure(figsize=(10, 3 * (len(labels) + 1)), layout="constrained")
-    axes = fig.subplots(len(labels) + 1, 1, squeeze=False)[:, 0]
-    for ax, label in zip(axes, labels, strict=False):
+    vms = table["vm"].nunique()
+    per_vm = vms <= PER_VM_UP_TO  # above: only the mean panel (a bar per VM would be unreadable)
+    panels = len(labels) + 1 if per_vm else 1
+    fig = Figure(figsize=(10, 3 * panels), layout="constrained")
+    axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
+    for ax, label in zip(axes[:-1], labels if per_vm else [], strict=False):
         _grouped_bars(ax, table[table["label"] == label], "vm", "technique", techniques)
         ax.set_title(label, fontsize=10)
         ax.set_ylabel("execution time (s)")
     times = c.ok(c.vm_times)
     times = times[times["app"] == app]
-    times["label"] = [variant_label(r) for _, r in times.iterrows()] if not times.empty else []
+    varying = varying_axes(c.runs)
+    times["label"] = [variant_label(r, varying) for _, r in times.iterrows()] if not times.empty else []
     means = times.groupby(["technique", "label"], as_index=False).agg(mean=("exec_time_s", "mean"),
                                                                      std=("exec_time_s", "std"))
     _grouped_bars(axes[-1], means, "label", "technique", techniques, xs=labels)
@@ -179,8 +239,9 @@ def technique_comparison(c: Campaign, app: str, out_dir: Path) -> FigureInfo:
     axes[-1].set_ylabel("execution time (s)")
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside right upper", fontsize=8, title="technique")
+    note = None if per_vm else f"{vms} VMs: per-VM panels left out (more than {PER_VM_UP_TO}); the mean panel only"
     return _save(c, fig, out_dir, f"techniques.{app}", "technique_comparison",
-                 f"Techniques compared — {app} (mean ± std)", times["run_id"].tolist())
+                 f"Techniques compared — {app} (mean ± std)", times["run_id"].tolist(), note)
 
 
 def migration_vs_link_rate(c: Campaign, out_dir: Path) -> FigureInfo:
@@ -228,4 +289,22 @@ def plot_all(c: Campaign, out_dir: str | Path | None = None) -> list[FigureInfo]
         figures.append(technique_comparison(c, app, out))
     if not c.ok(c.migrations).query("link_rate != ''").empty:
         figures.append(migration_vs_link_rate(c, out))
+    if (phases := phase_figure(c)) is not None:  # a migration study's Table A.1, drawn
+        figures.append(_save(c, phases[0], out, "migration_phases", "migration_phases",
+                             "Migration phases (Table A.1, mean per variant)", phases[1]))
+    if c.manifest.get("simulated"):
+        figures += validation(c, out)
     return figures
+
+
+def validation(c: Campaign, out_dir: Path) -> list[FigureInfo]:
+    """A simulated campaign against its lab counterpart (testbed.analysis.validation), when it has one."""
+    from testbed.analysis.validation import side_by_side, validation_figure
+
+    found = side_by_side(c.directory, c.manifest)
+    if found.table is None or found.lab_dir is None:
+        return []
+    verdict = "all within" if bool(found.table["within"].all()) else "NOT all within"
+    return [_save(c, validation_figure(found.table, found.lab_dir), out_dir, "validation", "validation",
+                  f"Simulator vs lab — mean execution time per variant ({verdict} ±10 %)",
+                  c.ok_runs["run_id"].tolist(), f"lab counterpart: {found.lab_dir}")]

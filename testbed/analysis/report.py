@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from testbed.analysis.appendix_a import CAPTION, phase_table
 from testbed.analysis.data import Campaign, comparison_table, load, variant_table
 from testbed.analysis.plots import FigureInfo, plot_all
 
@@ -38,7 +39,8 @@ def _table(frame: pd.DataFrame) -> str:
     """An HTML table, without the optional axes no variant sets (mode, link rate, compression)."""
     if frame.empty:
         return "<p>No completed runs with status ok.</p>"
-    unused = [col for col in ("mode", "link_rate", "compression") if frame[col].isin(["", "none"]).all()]
+    unused = [col for col in ("mode", "link_rate", "compression", "concurrency")
+              if col in frame and frame[col].isin(["", "none", "1"]).all()]
     frame = frame.drop(columns=unused)
     head = "".join(f"<th>{escape(col)}</th>" for col in frame.columns)
     body = "".join(
@@ -66,6 +68,28 @@ def _left_out(c: Campaign) -> str:
     return f"<ul>{items}</ul>"
 
 
+def _validation(c: Campaign) -> str:
+    """A simulated campaign's section: per variant, the lab's and the simulator's mean side by side."""
+    if not c.manifest.get("simulated"):
+        return ""
+    from testbed.analysis.validation import BOUND_PCT, side_by_side
+
+    found = side_by_side(c.directory, c.manifest)
+    head = ("<h2>SIMULATED: the simulator against the lab</h2>\n<p>This campaign is simulated (calibration "
+            f"<code>{escape(str(c.manifest.get('calibration')))}</code>). ")
+    if found.table is None:
+        return head + f"No lab side by side: {escape(found.note)}.</p>\n"
+    table = found.table.rename(columns={"lab_s": "lab mean s", "sim_s": "simulated mean s",
+                                        "diff_pct": "change_pct", "within": f"within ±{BOUND_PCT:g} %"})
+    verdict = "every variant is" if bool(found.table["within"].all()) else "NOT every variant is"
+    rows = "".join("<tr>" + "".join(f"<td>{_cell(col, row[col])}</td>" for col in table.columns) + "</tr>"
+                   for _, row in table.iterrows())
+    head_row = "".join(f"<th>{escape(col)}</th>" for col in table.columns)
+    return (head + f"Against {escape(found.note)}: {verdict} within ±{BOUND_PCT:g} % (per variant, the mean "
+            "over runs of the per-run mean execution time; change_pct = (simulated − lab) / lab).</p>\n"
+            f"<table><thead><tr>{head_row}</tr></thead><tbody>{rows}</tbody></table>\n")
+
+
 def _facts(manifest: dict[str, Any]) -> str:
     rows = []
     for key in sorted(k for k in manifest if k not in _OWN_SECTIONS):
@@ -89,6 +113,7 @@ dt { font-weight: bold; margin-top: 0.5em; }
 def render(c: Campaign, figures: list[FigureInfo]) -> str:
     variants = variant_table(c).drop(columns=["run_ids"])
     twins = comparison_table(c).drop(columns=["run_ids"])
+    phases = phase_table(c)
     counts = c.runs["status"].value_counts().to_dict()
     name = c.manifest.get("experiment", c.directory.name)
     spec = yaml.safe_dump(c.manifest.get("spec", {}), sort_keys=False)
@@ -106,7 +131,8 @@ one observation per run is the mean execution time over its VMs.</p>
 <p>Relative change of the mean execution time of each "with migration" variant against its
 "no migration" twin (negative: migration shortened it), with the two-sided p-value of Welch's t-test.</p>
 {_table(twins)}
-<h2>Runs left out</h2>
+{"" if phases.empty else f"<h2>Migration phases (Table A.1)</h2><p>{escape(CAPTION)}</p>{_table(phases)}"}
+{_validation(c)}<h2>Runs left out</h2>
 {_left_out(c)}
 <h2>Figures</h2>
 {"".join(_figure(f) for f in figures) or "<p>No figures: no completed runs.</p>"}

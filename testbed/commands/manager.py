@@ -32,7 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     lc = verb("lc", "run the Local Controller of one PM (in that PM's namespace)", _lc)
     lc.add_argument("--host", required=True, help="the PM's inventory name, e.g. tb-pm1")
-    lc.add_argument("--technique", default="qemu", help="driver that executes migrations")
+    lc.add_argument("--technique", action="append", default=None, metavar="T",
+                    help="a technique whose VMs this LC migrates (repeatable; default: every technique "
+                         "with a driver, qemu and container: each order goes to the driver that lists the VM)")
     lc.add_argument("--listen", default=None, help="address to bind (default: the PM's lab address)")
     lc.add_argument("--port", type=int, default=LC_PORT)
     lc.add_argument("--period", type=float, default=1.0, help="sampling period, seconds")
@@ -84,13 +86,20 @@ def _serve(app, address: str, port: int) -> None:
 def _lc(args: argparse.Namespace) -> int:
     from testbed.manager.api import load_token
     from testbed.manager.local import (
+        TECHNIQUES,
         CgroupSampler,
+        DriverDispatch,
         LocalController,
         create_app,
         ensure_cgroupfs,
         lab_driver_hosts,
+        make_driver,
     )
 
+    techniques = list(dict.fromkeys(args.technique or TECHNIQUES))
+    for technique in techniques:
+        if technique not in TECHNIQUES:
+            raise InputError(f"--technique: {technique!r} has no driver (available: {', '.join(TECHNIQUES)})")
     ensure_cgroupfs()  # first: it needs a process without threads
     lab = _lab(args)
     try:
@@ -99,17 +108,10 @@ def _lc(args: argparse.Namespace) -> int:
         raise InputError(f"--host: {args.host} is not a host of {lab.inventory}") from None
     token = load_token(args.token_file)
     hosts = lab_driver_hosts(lab)
-    lc = LocalController(CgroupSampler(hosts[host.name]), _driver(args.technique, hosts).migrate, args.period)
+    drivers = {technique: make_driver(technique, hosts.values()) for technique in techniques}
+    lc = LocalController(CgroupSampler(hosts[host.name]), DriverDispatch(drivers, host.name), args.period)
     _serve(create_app(lc, token), args.listen or host.address, args.port)
     return 0
-
-
-def _driver(technique: str, hosts: dict):
-    if technique != "qemu":
-        raise InputError(f"--technique: {technique!r} has no driver yet (available: qemu)")
-    from testbed.drivers.qemu import QemuDriver
-
-    return QemuDriver(hosts.values())
 
 
 def _parse_params(pairs: list[str]) -> dict[str, Any]:

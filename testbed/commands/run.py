@@ -35,9 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="add repetitions until every VM's 95%% CI is within ±P %% of its mean")
     parser.add_argument("--max-reps", type=int, default=None, help="cap on repetitions per variant")
     parser.add_argument("--timeout", type=float, default=None, metavar="S",
-                        help="seconds a run's workloads may take (default: from the spec's scale)")
+                        help="seconds a run's workloads may take (default: from the spec's scale); "
+                        "kind migration: seconds the migration may take (default: from memory and link rate)")
     parser.add_argument("-i", "--inventory", type=Path, default=DEFAULT_INVENTORY,
                         help="lab inventory (default: inventory/local, the embedded lab)")
+    parser.add_argument("--calibration", metavar="FILE", default=None,
+                        help="with --technique sim: the simulator's parameters (from `testbed calibrate`)")
     parser.set_defaults(func=run)
 
 
@@ -45,8 +48,8 @@ def _checked(args: argparse.Namespace):
     """(spec, lab, techniques, results dir), all validated without touching a host."""
     from testbed.lab import load_lab
     from testbed.results import read_manifest
+    from testbed.runner import executor, migration_study
     from testbed.runner.campaign import spec_fingerprint
-    from testbed.runner.executor import supported
     from testbed.spec import load_spec, spec_with
 
     spec = load_spec(args.spec)
@@ -56,6 +59,8 @@ def _checked(args: argparse.Namespace):
     for flag, value in (("--ci-width", args.ci_width), ("--timeout", args.timeout)):
         if value is not None and not value > 0:
             raise InputError(f"{flag}: must be > 0, not {value:g}")
+    if args.ci_width is not None and spec.kind == "migration":
+        raise InputError("--ci-width: it widens on execution times, which a migration study does not measure")
     if args.max_reps is not None and args.max_reps < spec.repetitions:
         raise InputError(f"--max-reps: {args.max_reps} is below the {spec.repetitions} repetitions asked")
     lab = load_lab(args.inventory)
@@ -65,7 +70,7 @@ def _checked(args: argparse.Namespace):
         if technique not in spec.techniques:
             raise InputError(f"--technique: {technique!r} is not one of {args.spec}'s techniques "
                              f"({', '.join(spec.techniques)})")
-    supported(spec, techniques)
+    (migration_study if spec.kind == "migration" else executor).supported(spec, techniques)
     results = args.results or Path("results") / spec.name
     manifest = read_manifest(results)
     if manifest and manifest.get("spec_fingerprint") != spec_fingerprint(spec):
@@ -75,6 +80,10 @@ def _checked(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from testbed.commands.sim import run_simulated, wants_simulation
+
+    if wants_simulation(args.spec, args.technique):  # no lab: the simulator (testbed/sim)
+        return run_simulated(args)
     spec, lab, techniques, results = _checked(args)
     import httpx
 
@@ -82,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     from testbed.results import ResultsStore
     from testbed.runner.campaign import controller_provenance, run_campaign
     from testbed.runner.executor import LabExecutor, cc_client, lab_facts, make_drivers
+    from testbed.runner.lock import campaign_lock
+    from testbed.runner.migration_study import MigrationStudyExecutor
 
     cc = cc_client(lab)
     try:
@@ -90,13 +101,14 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"the Central Controller at {cc.url} does not answer ({type(err).__name__}); "
                          "is the lab up (testbed lab up)?") from None
     display = _Display()
-    with ResultsStore(results) as store, display:
+    with campaign_lock(lab.inventory, f"{spec.name} -> {results}"), ResultsStore(results) as store, display:
         display.phase("gathering the hosts' facts")
         provenance = controller_provenance() | {
             "lab": lab_facts(lab),
             "provisioning": provisioning.archive_latest(lab.inventory, results / "provenance"),
         }
-        executor = LabExecutor(lab, make_drivers(lab), cc, timeout_s=args.timeout, log=display.phase)
+        kind = MigrationStudyExecutor if spec.kind == "migration" else LabExecutor  # App. A: one move per run
+        executor = kind(lab, make_drivers(lab), cc, timeout_s=args.timeout, log=display.phase)
         began = time.monotonic()
         try:
             executed = run_campaign(spec, store, executor, techniques=techniques, ci_width=args.ci_width,

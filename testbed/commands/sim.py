@@ -1,7 +1,8 @@
 """`testbed sim run|study|validate`: the simulator (its outputs always say SIMULATED).
 
 run SPEC        an experiment spec with technique `sim`, through the same campaign runner as
-                `testbed run` (resumable; results/<name>-sim by default)
+                `testbed run` (resumable; results/<name>-sim by default); the same as
+                `testbed run SPEC --technique sim`
 study FILE      the scale study (experiments/studies/scale.yml): policies x modes at 10..1,000 PMs
 validate REAL SIM   per-variant mean execution time, lab vs simulator, side by side (10 % bound)
 """
@@ -44,6 +45,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    return run_simulated(args)
+
+
+def wants_simulation(spec_path: str, techniques: list[str] | None) -> bool:
+    """Whether `testbed run` should simulate: `--technique sim`, or a spec whose techniques are
+    [sim]. The simulator runs alone (its runs mimic the calibration's technique, so a lab
+    technique beside it in one campaign would be compared with its own imitation)."""
+    from testbed.errors import InputError
+    from testbed.spec import load_spec
+
+    chosen = techniques or list(load_spec(spec_path).techniques)
+    if "sim" not in chosen:
+        return False
+    if len(set(chosen)) > 1:
+        raise InputError(
+            f"--technique: sim runs alone, not with {', '.join(t for t in chosen if t != 'sim')}"
+        )
+    return True
+
+
+def run_simulated(args: argparse.Namespace) -> int:
+    """The spec's balancing variants with technique `sim`, through the campaign runner and the
+    results store (resumable, same run ids and tables as a lab campaign), marked SIMULATED."""
     from testbed.errors import InputError
     from testbed.results import ResultsStore, write_atomic
     from testbed.runner.campaign import run_campaign
@@ -62,8 +86,18 @@ def _run(args: argparse.Namespace) -> int:
     results = args.results or Path("results") / f"{spec.name}-sim"
     with ResultsStore(results) as store:
         write_atomic(store.dir / "SIMULATED", SIMULATED_NOTE + "\n")
-        executed = run_campaign(spec, store, executor, provenance=executor.manifest_fields())
+        executed = run_campaign(
+            spec,
+            store,
+            executor,
+            ci_width=getattr(args, "ci_width", None),
+            max_reps=getattr(args, "max_reps", None),
+            provenance=executor.manifest_fields(),
+        )
     print(f"SIMULATED {spec.name}: {executed} runs with calibration {name}; results in {results}")
+    print(
+        f"figures and report (with the lab side by side): testbed plot {results} && testbed report {results}"
+    )
     return 0
 
 

@@ -25,7 +25,9 @@ what that does and does not show.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
+import hashlib
 import ipaddress
 import json
 import os
@@ -37,7 +39,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -138,13 +140,23 @@ class ContainerDriver:
         return list(self._hosts.values())
 
     def list_vms(self) -> list[VMInfo]:
-        if not self.state_dir.is_dir():
-            return []
-        return [self._info(p.parent.name) for p in sorted(self.state_dir.glob("*/ct.json"))]
+        return [self._info(state) for state in self._states()]
 
-    def _info(self, vm: str) -> VMInfo:
-        state = self._load(vm)
-        return VMInfo(vm, state.host, state.spec, bool(_procs(self._cgroup(state.host, vm, "freezer"))))
+    def _states(self) -> Iterator[_State]:
+        """Every container's state, leaving out one destroyed while being listed (the runner
+        destroys containers in parallel, and the LCs read the same directory)."""
+        for path in sorted(self.state_dir.glob("*/ct.json")):
+            with contextlib.suppress(ContainerError):
+                yield self._load(path.parent.name)
+
+    def _info(self, state: _State) -> VMInfo:
+        """Running: its tree has a process on some PM. Its own PM's cgroup alone would say no for
+        the instant a migration has moved the tasks but not yet saved the new PM (or the reverse),
+        and a runner watching would take the container for dead."""
+        name = state.spec.name
+        hosts = [state.host, *(h for h in self._hosts if h != state.host)]
+        running = any(_procs(self._cgroup(host, name, "freezer")) for host in hosts)
+        return VMInfo(name, state.host, state.spec, running)
 
     def _host(self, name: str) -> Host:
         try:
@@ -193,12 +205,13 @@ class ContainerDriver:
         if spec.memory_mb < 16 or spec.vcpus < 1:
             raise ContainerError(f"container {spec.name}: memory_mb must be >= 16 and vcpus >= 1")
         pm = self._host(host)
-        if (self._dir(spec.name) / "ct.json").exists():
-            raise ContainerError(f"container {spec.name} already exists (destroy it first)")
         bin_dir = build_workloads(self.state_dir / "bin")
-        self._dir(spec.name).mkdir(parents=True, exist_ok=True)
-        state = _State(spec, host, self._free_address(), str(self._root_dir(spec.name, host)), 0)
-        self._save(state)
+        with _locked(self.state_dir / ".lock"):  # containers created at once get distinct addresses
+            if (self._dir(spec.name) / "ct.json").exists():
+                raise ContainerError(f"container {spec.name} already exists (destroy it first)")
+            self._dir(spec.name).mkdir(parents=True, exist_ok=True)
+            state = _State(spec, host, self._free_address(), str(self._root_dir(spec.name, host)), 0)
+            self._save(state)
         try:
             self._plug(state)
             self._make_cgroups(pm, spec, frozen=False)
@@ -208,10 +221,10 @@ class ContainerDriver:
         except BaseException:
             self.destroy_vm(spec.name)
             raise
-        return self._info(spec.name)
+        return self._info(self._load(spec.name))
 
     def _free_address(self) -> str:
-        taken = {self._load(p.parent.name).address for p in self.state_dir.glob("*/ct.json")}
+        taken = {state.address for state in self._states()}
         for last in self.addresses:
             address = str(self.network.network_address + last)
             if address not in taken:
@@ -732,19 +745,55 @@ def _run(argv: list[str]) -> None:
         raise ContainerError(f"{' '.join(argv)}: {done.stderr.strip()}")
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (flock), against other threads and other processes alike."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+#: How a workload is compiled: `gcc <COMPILE> -o BINARY SOURCE <LINK>`; part of its build key.
+COMPILE = ("-O2",)
+LINK = ("-lm",)
+
+
+def build_key(source: Path) -> str:
+    """What a workload binary is built from: its source, every header beside it (any may be
+    included) and the compiler flags. A changed key rebuilds it; mtimes would not see an
+    edited header, and a fresh checkout's mtimes say when it was cloned, not what it holds."""
+    digest = hashlib.sha256(repr((COMPILE, LINK)).encode())
+    for path in (source, *sorted(source.parent.glob("*.h"))):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def build_workloads(bin_dir: Path, sources: Path = WORKLOAD_SOURCES) -> Path:
-    """The workload programs containers run (the QEMU guests' set), built from workloads/ with
-    the host's compiler when missing or older than their source."""
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    for source in sorted(sources.glob("*.c")):
-        target = bin_dir / source.stem
-        if not target.exists() or target.stat().st_mtime < source.stat().st_mtime:
+    """The workload programs containers run (the QEMU guests' set): workloads/*.c built with the
+    host's compiler when their build key changed (the key is kept beside the binary as
+    NAME.key), workloads/*.py copied when their content differs. Each lands by rename, so a
+    container running the old one is undisturbed; the lock keeps concurrent creates from
+    building the same program at once."""
+    with _locked(bin_dir / ".lock"):
+        for source in sorted(sources.glob("*.c")):
+            target, stamp = bin_dir / source.stem, bin_dir / f"{source.stem}.key"
+            key = build_key(source)
+            if target.exists() and stamp.exists() and stamp.read_text() == key:
+                continue
             tmp = target.with_suffix(".tmp")
-            _run(["gcc", "-O2", "-o", str(tmp), str(source), "-lm"])
+            _run(["gcc", *COMPILE, "-o", str(tmp), str(source), *LINK])
             tmp.replace(target)
-    for script in sorted(sources.glob("*.py")):
-        target = bin_dir / script.stem
-        if not target.exists() or target.stat().st_mtime < script.stat().st_mtime:
-            shutil.copyfile(script, target)
-            target.chmod(0o755)
+            _write_atomically(stamp, key.encode())
+        for script in sorted(sources.glob("*.py")):
+            target = bin_dir / script.stem
+            if not target.exists() or target.read_bytes() != script.read_bytes():
+                _write_atomically(target, script.read_bytes(), mode=0o755)
     return bin_dir
+
+
+def _write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(mode)
+    tmp.replace(path)

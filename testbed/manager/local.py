@@ -1,6 +1,7 @@
 """The Local Controller (LC): one per PM. Samples the PM's and its VMs' CPU from the cgroups of
 the embedded-lab contract, answers the CC's collections, and executes the migrations it orders
-through the PM's driver.
+with the driver of the VM's technique: it holds one driver per technique and takes the one that
+lists the VM running on its PM (`DriverDispatch`), so one LC serves QEMU VMs and containers.
 
 Where the numbers come from (cgroup v1, the lab contract):
 - PM use: cpuacct.usage of testbed/<pm>, which holds everything running "on" the PM, VMs and
@@ -18,13 +19,13 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Query
 
-from testbed.drivers.base import CGROUP_ROOT, Host, MigrationRecord
+from testbed.drivers.base import CGROUP_ROOT, Driver, Host, MigrationMode, MigrationRecord
 from testbed.lab import CGROUP_CONTROLLERS, Lab
 from testbed.manager.api import MAX_WINDOW, HostSample, MigrateOrder, MigrationOutcome, VmSample, make_app
 
@@ -190,7 +191,52 @@ def lab_driver_hosts(lab: Lab) -> dict[str, Host]:
 
 Migrate = Callable[[str, str, str], MigrationRecord]
 """How an LC executes a migration: (vm, destination host, mode) -> MigrationRecord; in the
-daemon, the `migrate` of the PM's driver (testbed.drivers.base.Driver)."""
+daemon, a DriverDispatch over every technique's driver (testbed.drivers.base.Driver)."""
+
+#: The techniques with a driver on the embedded lab; an LC holds all of them by default.
+TECHNIQUES = ("qemu", "container")
+
+
+def make_driver(technique: str, hosts: Iterable[Host]) -> Driver:
+    """The driver of `technique` over `hosts`, the one place that maps a technique to its class
+    (the runner builds its drivers here too, so both sides agree on what a technique is)."""
+    if technique == "qemu":
+        from testbed.drivers.qemu import QemuDriver
+
+        return QemuDriver(hosts)
+    if technique == "container":
+        from testbed.drivers.container import ContainerDriver
+
+        return ContainerDriver(hosts)
+    raise ValueError(f"technique {technique!r} has no driver here (available: {', '.join(TECHNIQUES)})")
+
+
+class DriverDispatch:
+    """The LC's Migrate: the order goes to the driver that lists the VM running on this PM.
+
+    Why the LC finds the technique itself rather than being told (by its own flag or by the
+    CC's config): the drivers already know it from their state (one identity for a VM
+    everywhere, thesis §3.2), so nothing can name the wrong one; one set of daemons serves a lab
+    whatever technique a campaign runs, without a restart between techniques; and the order's
+    mode is passed on unchanged, so a mode the technique lacks (a pre-copy order for a
+    container) fails with the driver's reason instead of being swapped for another, which would
+    mislabel the run. The runner sets the mode per run (the technique's own by default)."""
+
+    def __init__(self, drivers: Mapping[str, Driver], host: str) -> None:
+        self.drivers = dict(drivers)
+        self.host = host
+
+    def driver_for(self, vm: str) -> Driver:
+        """The one driver that has `vm` running on this PM; LookupError if none or several."""
+        holders = [technique for technique, driver in self.drivers.items()
+                   if any(info.name == vm and info.host == self.host and info.running for info in driver.list_vms())]
+        if len(holders) != 1:
+            found = f"the {' and '.join(holders)} drivers" if holders else "no driver"
+            raise LookupError(f"{self.host}: {found} of {', '.join(self.drivers)} list {vm} running here")
+        return self.drivers[holders[0]]
+
+    def __call__(self, vm: str, destination: str, mode: str) -> MigrationRecord:
+        return self.driver_for(vm).migrate(vm, destination, MigrationMode(mode))
 
 
 class LocalController:

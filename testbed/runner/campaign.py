@@ -108,7 +108,7 @@ def run_id(technique: str, variant: Variant, rep: int) -> str:
 def cells(spec: Spec, techniques: Sequence[str] | None = None) -> list[Cell]:
     """Every (technique, variant) of the spec, optionally only some techniques."""
     chosen = spec.techniques if techniques is None else [t for t in spec.techniques if t in techniques]
-    return [Cell(t, v) for t in chosen for v in spec.variants()]
+    return [Cell(t, v) for t in chosen for v in spec.variants(t)]
 
 
 def round_order(members: Sequence[Cell], seed: int, rep: int, previous_last: Cell | None) -> list[Cell]:

@@ -53,10 +53,19 @@ from testbed.spec import Spec
 #: The technique's own migration mode when the spec names none (thesis §2.3: Xen pre-copy, OpenVZ
 #: stop-and-copy).
 DEFAULT_MODES = {"qemu": "precopy", "container": "stopcopy"}
-#: Apps this executor turns into guest programs (the guest image ships synthetic1 and busybox).
-APPS = ("synthetic1", "synthetic-random")
+#: Apps this executor turns into guest programs (the guest image ships synthetic1 and busybox;
+#: `kernel` runs in the kernel guest's Debian root, which its disk holds).
+APPS = ("synthetic1", "synthetic-random", "kernel")
+#: The Kernel app (thesis §4.4: `make -j8 bzImage`, 2 jobs per core): `make -j(2 x vCPUs)` of the
+#: first KERNEL_OBJECTS x scale objects of the kernel guest's list (docs/workloads.md).
+KERNEL_OBJECTS = 12  # ~10-14 s each in a TCG guest at full speed, plus ~20 s of kbuild per make
+KERNEL_JOBS_PER_VCPU = 2
+KERNEL_PROGRAM = ("chroot", "/mnt", "/usr/local/bin/kernel")  # the guest's init mounts the root at /mnt
+#: The kernel guest's root disk in each PM's share (the qemu role builds it there); a kernel VM's
+#: disk is a qcow2 overlay of the one in its owner's share, so the compile writes to the VM's disk.
+KERNEL_ROOT = "images/kernel-root.qcow2"
 #: Techniques with a driver here AND in the Local Controller (which executes the migrations).
-TECHNIQUES = ("qemu",)
+TECHNIQUES = ("qemu", "container")
 SYNTHETIC1_BLOCKS = 18_000  # a full Synthetic1 run (thesis §4.4); scaled by the spec's `scale`
 #: Seconds a whole run may last at scale 1 (far above the slowest case measured here), plus a
 #: fixed margin for boot-level slowness; scaled with the spec.
@@ -101,6 +110,11 @@ def supported(spec: Spec, techniques: Sequence[str]) -> None:
     for variant in spec.variants():
         if variant.app not in APPS:
             raise InputError(f"{where}: matrix.app: {variant.app!r} has no guest program yet")
+        if variant.app == "kernel" and set(techniques) - {"qemu"}:
+            raise InputError(f"{where}: techniques: the kernel app runs in the QEMU kernel guest only "
+                             "(a container root has no toolchain yet; use --technique qemu)")
+        if variant.app == "kernel" and spec.instances != 1:
+            raise InputError(f"{where}: instances: the kernel app compiles one tree per VM (instances: 1)")
         if variant.link_rate is not None or variant.compression != "none":
             raise InputError(f"{where}: matrix: link_rate/compression variants are not run by the lab "
                              "executor yet")
@@ -125,6 +139,10 @@ def chains(run: Run, vm: str) -> list[list[Step]]:
     come from workloads/synthetic_random.py with the VM's seed (instance k: seed + k), each
     starting one, two or four Synthetic1 in the guest or the guest's `sleep`."""
     scale = run.spec.scale
+    if run.variant.app == "kernel":
+        objects = str(max(1, round(KERNEL_OBJECTS * scale)))
+        kernel = (*KERNEL_PROGRAM, str(KERNEL_JOBS_PER_VCPU * run.spec.vcpus), objects)
+        return [[Step((kernel,))] for _ in range(run.spec.instances)]
     blocks = str(max(1, round(SYNTHETIC1_BLOCKS * scale)))
     synthetic1 = ("synthetic1", blocks)
     if run.variant.app == "synthetic1":
@@ -322,12 +340,14 @@ class LabExecutor:
         return self.lab.pms[index - 1].name
 
     def _reset(self, driver: Driver) -> dict[str, Any]:
-        """Destroy the experiment VMs; then no VM of any kind may be left, nor any load.
+        """Destroy the experiment VMs of every technique (a container vm1 left by an earlier
+        campaign is as much in the way as a QEMU one, and would share a name with this run's);
+        then no VM of any kind may be left, nor any load.
 
         What is left may be another user's passing work (a benchmark on a shared lab), so the
         check is repeated for up to `reset_wait_s` before the run is refused: refusing at once
         would spend every repetition of the campaign on the same moment of the lab."""
-        destroyed = self._destroy_all(driver)
+        destroyed = self._destroy_all(*self.drivers.values())
         if destroyed["errors"]:
             raise GateFailed(f"VMs left by an earlier run could not be destroyed: {destroyed['errors']}")
         deadline = time.monotonic() + self.reset_wait_s
@@ -347,23 +367,24 @@ class LabExecutor:
                                  f"{busy}")
             time.sleep(5)
 
-    def _destroy_all(self, driver: Driver) -> dict[str, Any]:
-        """Destroy the technique's experiment VMs (vm1, vm2, ...: whatever count a previous
+    def _destroy_all(self, *drivers: Driver) -> dict[str, Any]:
+        """Destroy the drivers' experiment VMs (vm1, vm2, ...: whatever count a previous
         campaign had), never another VM: on a shared lab that is someone else's, and the reset's
         stray check refuses the run while it is there instead."""
-        names = [info.name for info in driver.list_vms() if EXPERIMENT_VM.fullmatch(info.name)]
+        found = [(driver, info.name) for driver in drivers for info in driver.list_vms()
+                 if EXPERIMENT_VM.fullmatch(info.name)]
         errors: dict[str, str] = {}
 
-        def destroy(vm: str) -> None:
+        def destroy(driver: Driver, vm: str) -> None:
             try:
                 driver.destroy_vm(vm)
             except Exception as err:  # noqa: BLE001 - reported; the next reset's stray check decides
-                errors[vm] = f"{type(err).__name__}: {err}"
+                errors[f"{driver.technique}:{vm}"] = f"{type(err).__name__}: {err}"
 
-        if names:
-            with ThreadPoolExecutor(max_workers=len(names)) as pool:
-                list(pool.map(destroy, names))
-        return {"destroyed": names, "errors": errors}
+        if found:
+            with ThreadPoolExecutor(max_workers=len(found)) as pool:
+                list(pool.map(destroy, *zip(*found, strict=True)))
+        return {"destroyed": [vm for _, vm in found], "errors": errors}
 
     def _check_clocks(self) -> dict[str, Any]:
         """Every host within the bound of the lab's time server, as its own chronyd measures it."""
@@ -381,18 +402,23 @@ class LabExecutor:
     def _prepare_disks(self, run: Run) -> dict[str, Any]:
         """A fresh disk per VM on its owner PM's share, created over nfs:// (the reachability
         check: the owner's NFS server answered and wrote it)."""
-        from testbed.storage import disk_url, spread
+        from testbed.storage import DEFAULT_LAYOUT, disk_url, spread
 
         owners = spread(list(run.placement), [pm.name for pm in self.lab.pms])
         disks = {vm: disk_url(self.lab, vm, owner) for vm, owner in owners.items()}
 
-        def create(url: str) -> str | None:
-            proc = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", url, "256M"],
+        def create(vm: str) -> str | None:
+            owner = owners[vm]
+            size = ["256M"]
+            if run.variant.app == "kernel":  # an overlay of the root disk (its size), over nfs:// too
+                root = f"nfs://{self.lab.host(owner).address}{DEFAULT_LAYOUT.share(owner) / KERNEL_ROOT}"
+                size = ["-b", root, "-F", "qcow2"]
+            proc = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", disks[vm], *size],
                                   capture_output=True, text=True, timeout=60, check=False)
             return None if proc.returncode == 0 else proc.stderr.strip() or f"exit {proc.returncode}"
 
         with ThreadPoolExecutor(max_workers=len(disks)) as pool:
-            failures = {vm: e for vm, e in zip(disks, pool.map(create, disks.values()), strict=True) if e}
+            failures = {vm: e for vm, e in zip(disks, pool.map(create, disks), strict=True) if e}
         if failures:
             raise GateFailed(f"VM storage unreachable: {failures}")
         return {"disks": disks}
@@ -514,12 +540,12 @@ def _round_summary(event: Mapping[str, Any], origin: float) -> dict[str, Any]:
 # --- construction and provenance ---------------------------------------------------------------
 
 def make_drivers(lab: Lab) -> dict[str, Driver]:
-    """The drivers of TECHNIQUES. Only QEMU for now: the Local Controller (`testbed manager lc`)
-    migrates with no other driver yet, so another technique's with-migration runs could not move."""
+    """The drivers of TECHNIQUES, made as the Local Controllers make theirs (which migrate with
+    the driver that lists the VM, so both sides see the same VMs)."""
     from testbed.drivers.base import pm_hosts
-    from testbed.drivers.qemu import QemuDriver
+    from testbed.manager.local import make_driver
 
-    return {"qemu": QemuDriver(pm_hosts(lab))}
+    return {technique: make_driver(technique, pm_hosts(lab)) for technique in TECHNIQUES}
 
 
 
@@ -533,23 +559,18 @@ def cc_client(lab: Lab) -> ManagerClient:
 def lab_facts(lab: Lab) -> dict[str, Any]:
     """Ansible facts of every host (OS, kernel, CPU, memory) and the PMs' QEMU version, gathered
     with ansible-runner exactly as the playbooks see the hosts (same ansible.cfg and venv)."""
-    import os
-    import sys
     import tempfile
 
-    import ansible_runner
+    from testbed import ansible
 
     wanted = ("distribution", "distribution_version", "kernel", "architecture", "processor",
               "processor_vcpus", "memtotal_mb", "hostname")
-    envvars = {"ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
-               "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     facts: dict[str, dict[str, Any]] = {h.name: {} for h in lab.hosts}
 
     def ad_hoc(pattern: str, module: str, args: str) -> list[tuple[str, dict[str, Any]]]:
         with tempfile.TemporaryDirectory(prefix="testbed-facts-") as tmp:
-            result = ansible_runner.run(private_data_dir=tmp, inventory=str(Path(lab.inventory).resolve()),
-                                        host_pattern=pattern, module=module, module_args=args, envvars=envvars,
-                                        quiet=True)
+            result = ansible.run(private_data_dir=tmp, inventory=str(Path(lab.inventory).resolve()),
+                                 host_pattern=pattern, module=module, module_args=args, quiet=True)
             return [(e["event_data"]["host"], e["event_data"]["res"]) for e in result.events
                     if e.get("event") == "runner_on_ok"]
 

@@ -14,6 +14,8 @@ Defaults and where they come from:
   `downtime-limit`) and a 30-round cap (Xen's default max_iters is 29+1).
 * container stop-and-copy: freeze 33 ms + cgroup move 5 ms + dump/load ~40 ms per 100 MB
   (DESIGN.md) ~ 0.1 s fixed; the dump holds the container's private memory (fraction 1.0).
+* contention 0 and memory fraction 1.0 until calibrated: both are properties of the
+  technique and guest that only a lab campaign shows (`testbed calibrate` fits them).
 * migration CPU overhead: 0.05 CPU on the source and 0.05 on the destination (a TCP stream at
   100 Mbit/s plus the migration thread; replace with `testbed calibrate`).
 """
@@ -54,9 +56,11 @@ class Calibration(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     simulated: Literal[True] = True  # a calibration only ever drives a simulation
     source: str = "defaults"
+    sources: list[str] = []  # the campaigns' results directories, absolute (the report finds the lab's)
     mimics: str = "qemu"  # the technique whose VMs the simulated ones behave like
     cpu_s_per_block: float = Field(NATIVE_CPU_S_PER_BLOCK * TCG_SLOWDOWN, gt=0)
     thread_cpus: float = Field(1.0, gt=0)  # one workload thread uses at most one core
+    contention_cpus: float = Field(0.0, ge=0)  # a share s works as s x s / (s + this) CPUs (engine.py)
     link_efficiency: float = Field(0.94, gt=0, le=1)
     modes: dict[Mode, ModeCosts] = {
         "precopy": ModeCosts(fixed_s=0.5, stop_fixed_s=0.043),
@@ -66,7 +70,9 @@ class Calibration(BaseModel):
     downtime_limit_s: float = Field(0.3, gt=0)
     max_rounds: int = Field(30, ge=1)
     dirty_mb_s: dict[str, float] = {"synthetic1": 0.2, "synthetic-random": 0.2, "idle": 0.0}
-    dump_fraction: float = Field(1.0, gt=0, le=1)  # stop-and-copy bytes / VM memory
+    # bytes a migration must move / VM memory: QEMU skips zero pages, a container dump holds only
+    # its private memory (all modes; pre-copy's dirtied pages come on top)
+    memory_fraction: float = Field(1.0, gt=0, le=1)
     postcopy_speed: float = Field(0.5, gt=0, le=1)  # VM progress per CPU while pages are fetched
     cpu_overhead_src: float = Field(0.05, ge=0)  # CPUs a migration takes on its source PM
     cpu_overhead_dst: float = Field(0.05, ge=0)

@@ -9,7 +9,10 @@ CPU, as on the embedded lab (DESIGN.md): a PM has `capacity` CPUs and stands for
 a VM with k vCPUs is capped at k / cores x capacity; a workload thread uses at most one core
 (`thread_cpus`). The PM's capacity is shared max-min fairly among its VMs (CFS between sibling
 cgroups: each gets an equal share, a VM wanting less than its share gives the rest to the
-others), and a VM's share equally among its running threads. A migration takes
+others), and a VM's share equally among its running threads. A share s does the work of
+s x s / (s + contention_cpus) CPUs: a squeezed VM runs in short slices, each starting with caches
+(TCG's translated code, TLBs) its neighbours evicted, a cost per slice while the slice shrinks with
+the share; so crowded VMs progress less than in proportion, as measured on the lab (calibrate.py). A migration takes
 `cpu_overhead_src` / `cpu_overhead_dst` CPUs off its source and destination PMs first (the
 migration machinery lives in the PMs' cgroups, thesis §4.5). A stopped VM (migration downtime)
 uses nothing and progresses nothing while wall time runs, so downtime lengthens its execution
@@ -225,8 +228,10 @@ class Engine:
         demand[self.vm_stopped | ~self.vm_alive] = 0.0
         over = self.overhead()
         alloc = water_fill(demand, host, self.capacity - over)
+        c = self.cal.contention_cpus
         with np.errstate(divide="ignore", invalid="ignore"):
-            per_thread = np.where(threads > 0, alloc * self.vm_speed / threads, 0.0)
+            useful = alloc * alloc / (alloc + c) if c > 0 else alloc
+            per_thread = np.where(threads > 0, useful * self.vm_speed / threads, 0.0)
         return alloc, over, per_thread
 
     # -- time ---------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """How long a simulated migration takes, how long the VM stops and how many bytes it sends, per mode.
 
-* stop-and-copy (OpenVZ, App. A): the VM stops first; the dump (memory x dump_fraction) crosses
-  the link; downtime = total = fixed + dump / rate.
+Every mode moves V = memory x memory_fraction (the pages that are not zero: QEMU sends a zero page
+as a header only; a container's dump holds its private memory), not the VM's whole memory size.
+* stop-and-copy (OpenVZ, App. A): the VM stops first; the dump (V) crosses the link;
+  downtime = total = fixed + V / rate.
 * pre-copy (Xen, QEMU; Clark et al., NSDI 2005): with lambda = dirty rate / rate, live round i
   sends V lambda^i (round 0 the whole memory V); after n live rounds the remaining dirty set
   V lambda^n is sent with the VM stopped. n is the least n >= 1 with V lambda^n / rate <=
@@ -44,11 +46,10 @@ def precopy_rounds(memory: float, dirty: float, rate: float, limit_s: float, max
 def plan(mode: str, memory_bytes: float, dirty_bytes_s: float, rate_bytes_s: float, cal: Calibration) -> Plan:
     """The migration of a VM of `memory_bytes` dirtying `dirty_bytes_s`, over `rate_bytes_s`."""
     costs = cal.modes[mode]  # type: ignore[index]
-    v, r = float(memory_bytes), float(rate_bytes_s)
+    v, r = float(memory_bytes) * cal.memory_fraction, float(rate_bytes_s)
     if mode == "stopcopy":
-        sent = v * cal.dump_fraction
-        total = costs.fixed_s + sent / r
-        return Plan(mode, total, total, 0.0, round(sent), 0)
+        total = costs.fixed_s + v / r
+        return Plan(mode, total, total, 0.0, round(v), 0)
     if mode == "postcopy":
         total = costs.fixed_s + v / r
         return Plan(mode, total, costs.stop_fixed_s, costs.fixed_s - costs.stop_fixed_s, round(v), 0)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the testbed guest image: Debian's kernel plus a small initramfs holding busybox,
-# the workloads (compiled statically) and the virtio modules of that kernel.
+# the workloads (compiled statically) and the virtio modules of that kernel, with ext4 so
+# that the init can mount the kernel guest's root disk (build-kernel-root.sh).
 #
 # The kernel is stored uncompressed (an ELF vmlinux, which QEMU boots through its PVH entry):
 # under TCG, the bzImage decompressing itself takes longer than the whole boot that follows.
@@ -23,7 +24,7 @@ fi
 kernel=/boot/vmlinuz-$kver
 moddir=/lib/modules/$kver
 busybox=/bin/busybox
-modules_wanted=(virtio_pci virtio_blk)
+modules_wanted=(virtio_pci virtio_blk crc32c_generic ext4) # ext4 checksums with crc32c
 
 # Modules in load order: each module after the modules it depends on.
 ordered=()
@@ -52,7 +53,7 @@ fi
 
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
-mkdir -p "$stage"/{bin,usr/bin,etc,proc,sys,dev,tmp,lib/modules}
+mkdir -p "$stage"/{bin,usr/bin,etc,proc,sys,dev,tmp,mnt,lib/modules}
 cp "$busybox" "$stage/bin/busybox"
 install -m 0755 "$init" "$stage/init"
 for src in "${sources[@]}"; do

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Builds the root disk of the kernel guest: a Debian 12 root made with debootstrap holding the
+# toolchain a kernel compile needs and Debian's linux-source, configured (x86_64 defconfig) and
+# prepared (`make prepare`) natively here, so that in a guest the Kernel workload only compiles
+# objects (see workloads/kernel/kernel and docs/workloads.md).
+#
+# The guest still boots the busybox initramfs of build-guest.sh, whose init mounts this file
+# system (through a per-VM qcow2 overlay whose backing file is the image built here, so every
+# write of the compile goes to the VM's own disk) and chroots into it to run the workload.
+#
+# usage: build-kernel-root.sh WORKLOAD_SCRIPT OUTPUT_DIR [CACHE_DIR]
+#   WORKLOAD_SCRIPT  workloads/kernel/kernel, installed as /usr/local/bin/kernel in the root
+#   OUTPUT_DIR       where kernel-root.qcow2 goes (the qemu role's image directory)
+#   CACHE_DIR        the root's directory tree, kept between builds (default
+#                    /var/cache/testbed/kernel-root)
+#
+# Cached in three steps, each redone only when what it depends on changed: the debootstrap
+# (marker .testbed-root: the package list), the prepared source tree (marker
+# usr/src/linux/.testbed-prepared: the configuration and object-list rule) and the disk image
+# (OUTPUT_DIR/kernel-root.sha256: fingerprint of this script, the workload and both markers).
+# The last line of stdout is "changed" or "unchanged" (for Ansible's changed_when).
+set -euo pipefail
+script=$1 out=$2 root=${3:-/var/cache/testbed/kernel-root}
+# What a kernel build needs (linux-source's Recommends, minus what only packaging uses).
+packages=gcc,make,bc,flex,bison,libelf-dev,libssl-dev,binutils,libc6-dev,xz-utils,linux-source-6.1
+config=x86_64_defconfig
+objects_dir=kernel # the objects of this directory, in this configuration, make the list
+image=$out/kernel-root.qcow2
+
+# Run a command inside the root, with /proc and /dev, in a mount namespace of its own (the
+# mounts vanish with it, whatever happens).
+in_root() {
+    unshare --mount --fork -- bash -c 'mount --rbind /dev "$0/dev" && mount -t proc proc "$0/proc" \
+        && exec chroot "$0" "$@"' "$root" "$@"
+}
+
+# 1. The Debian root, from the mirror apt already uses (as scripts/debian-test-root.sh).
+if [[ ! -f $root/.testbed-root || $(cat "$root/.testbed-root") != "$packages" ]]; then
+    mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null \
+             | grep -oE '^(URIs:|deb) +https?://[^ ]+/debian/?( |$)' | grep -oE 'https?://[^ ]+' | head -n1 || true)
+    [[ -n $mirror ]] || { echo "build-kernel-root: no Debian mirror in apt's sources" >&2; exit 1; }
+    rm -rf "$root.tmp" "$root"
+    mkdir -p "$(dirname "$root")"
+    debootstrap --variant=minbase --include="$packages" bookworm "$root.tmp" "$mirror" >&2
+    rm -f "$root.tmp"/var/cache/apt/archives/*.deb
+    echo "$packages" > "$root.tmp/.testbed-root"
+    mv "$root.tmp" "$root"
+fi
+
+# 2. The source tree: extracted, configured, prepared; the object list comes from a native
+# build of $objects_dir (which also proves every listed object compiles), whose objects are
+# then removed so that the guest compiles them.
+tree=$root/usr/src/linux
+rule="$config $objects_dir/**.o from .c"
+if [[ ! -f $tree/.testbed-prepared || $(cat "$tree/.testbed-prepared") != "$rule" ]]; then
+    rm -rf "$tree"
+    tarball=$(find "$root/usr/src" -maxdepth 1 -name 'linux-source-*.tar.xz' | head -n1)
+    [[ -n $tarball ]] || { echo "build-kernel-root: no linux-source tarball in $root/usr/src" >&2; exit 1; }
+    mkdir "$tree.tmp"
+    tar -xJf "$tarball" -C "$tree.tmp" --strip-components=1
+    mv "$tree.tmp" "$tree"
+    jobs=$(nproc)
+    in_root make -C /usr/src/linux -s "$config" >&2
+    in_root make -C /usr/src/linux -s -j"$jobs" prepare >&2
+    in_root make -C /usr/src/linux -s -j"$jobs" "$objects_dir/" >&2
+    (cd "$tree" && find "$objects_dir" -name '*.o' -print | while read -r object; do
+        [[ -f ${object%.o}.c ]] && echo "$object"
+    done | LC_ALL=C sort > testbed-objects.list)
+    (cd "$tree" && xargs -a testbed-objects.list rm -f)
+    echo "$rule" > "$tree/.testbed-prepared"
+fi
+install -m 0755 "$script" "$root/usr/local/bin/kernel"
+
+# 3. The disk image: an ext4 file system of the root (mkfs.ext4 -d keeps the files' times, so
+# make in the guest finds the prepared tree up to date), as qcow2, the overlays' backing file.
+fingerprint=$(cat "$0" "$script" "$root/.testbed-root" "$tree/.testbed-prepared" | sha256sum | cut -d' ' -f1)
+if [[ -f $out/kernel-root.sha256 && $(cat "$out/kernel-root.sha256") == "$fingerprint" && -f $image ]]; then
+    echo unchanged
+    exit 0
+fi
+mkdir -p "$out"
+raw=$(mktemp -p "$out" kernel-root.XXXXXX.raw)
+trap 'rm -f "$raw" "$image.new"' EXIT
+# Room for the root plus 1 GiB free for what compiles write (into each VM's overlay). Inode
+# tables and journal are zeroed here: else every guest's kernel would zero them in the
+# background after mounting, hundreds of MB written to its overlay beside the workload.
+size_mb=$(( $(du -sm "$root" | cut -f1) * 11 / 10 + 1024 ))
+mkfs.ext4 -q -F -L kernel-root -E lazy_itable_init=0,lazy_journal_init=0 -d "$root" "$raw" "${size_mb}M"
+qemu-img convert -f raw -O qcow2 "$raw" "$image.new"
+mv "$image.new" "$image"
+echo "$fingerprint" > "$out/kernel-root.sha256"
+echo changed
