@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from testbed.errors import InputError
-from testbed.runner.lock import campaign_lock, lock_path
+from testbed.runner.lock import HELD_ENV, campaign_lock, lock_path
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from testbed.runner.lock import campaign_lock, lock_path
+from testbed.runner.lock import HELD_ENV, campaign_lock, lock_path
 with campaign_lock(Path(sys.argv[1]), "exp1 -> results/x", Path(sys.argv[2])):
     print("held", flush=True)
     time.sleep(60)
@@ -43,3 +44,13 @@ def test_a_process_started_by_the_holder_runs_under_its_lock(tmp_path: Path) -> 
         child = subprocess.run([sys.executable, "-c", HOLD.replace("time.sleep(60)", "pass"), str(inventory),
                                 str(locks)], capture_output=True, text=True, timeout=60, check=False)
         assert child.returncode == 0 and child.stdout.strip() == "held", child.stderr
+
+
+def test_holding_another_labs_lock_inside_gives_the_outer_one_back(tmp_path: Path) -> None:
+    """A test session holds the embedded lab's lock; a test taking another lab's must not drop it."""
+    outer, inner, locks = tmp_path / "outer", tmp_path / "inner", tmp_path / "locks"
+    with campaign_lock(outer, "pytest", locks):
+        with campaign_lock(inner, "exp1", locks):
+            assert os.environ[HELD_ENV] == str(lock_path(inner, locks))
+        assert os.environ[HELD_ENV] == str(lock_path(outer, locks))
+    assert HELD_ENV not in os.environ or os.environ[HELD_ENV] != str(lock_path(outer, locks))

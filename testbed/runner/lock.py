@@ -52,9 +52,13 @@ def campaign_lock(inventory: Path, what: str, lock_dir: Path = LOCK_DIR) -> Iter
         handle.write(json.dumps({"pid": os.getpid(), "what": what,
                                  "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
         handle.flush()
+        outer = os.environ.get(HELD_ENV)  # another lab's lock this process holds, if any
         os.environ[HELD_ENV] = str(path)
         try:
             yield
         finally:
-            del os.environ[HELD_ENV]
+            if outer is None:
+                os.environ.pop(HELD_ENV, None)
+            else:
+                os.environ[HELD_ENV] = outer
             handle.truncate(0)
