@@ -64,6 +64,7 @@ REAP_PERIOD_S = 2.0
 CRASHED_KEPT = 50  # crashed VMs whose logs are kept
 RESTORE_TIMEOUT_S = 30.0  # a guest started from its boot snapshot answers in ~1 s (2 cores, busy)
 READY_LISTEN_S = 20.0  # a guest boots in ~5 s alone, ~20 s with 9 booting on 2 cores
+ATTACH_TIMEOUT_S = 10.0  # a console socket appears within ~1 s of QEMU starting
 
 
 class QemuError(RuntimeError):
@@ -124,15 +125,26 @@ def _alive(pid: int | None) -> bool:
     return state != "Z" and b"qemu" in cmdline
 
 
+def _identity(path: Path) -> tuple[int, int]:
+    """Inode and change time: tells a QEMU's socket file from the next one at the same path
+    (inode numbers alone are reused at once)."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_ctime_ns
+
+
 class _Console:
     """The host end of a VM's serial console: timestamps the guest's `@` lines on arrival.
 
     During a migration it holds connections to both QEMU processes' consoles, so no line is
     lost whichever side the guest runs on when it writes; commands go to the one where the VM
-    lives (vm.json). It also watches the VM's directory for a new QEMU's console, so that it
-    follows the VM when another process (a Local Controller) migrates it. One process at a
-    time holds a VM's console (QEMU serves one client): the one that created the VM or started
-    its workloads; a driver that only migrates never connects.
+    lives (vm.json, read at each send). It watches the VM's directory for a new QEMU's console,
+    so that it follows the VM when another process (a Local Controller) migrates it. One
+    process at a time holds a VM's console (QEMU serves one client): the one that created the
+    VM or started its workloads; a driver that only migrates never connects.
+
+    Only the console's own thread connects, reads and closes sockets; other threads ask and
+    wait. Two threads connecting the same console once left a second connection queued
+    unaccepted in QEMU's backlog with commands sent into it (seen in CI after a migration).
     """
 
     def __init__(self, vm: str, vm_dir: Path) -> None:
@@ -144,104 +156,125 @@ class _Console:
         self._cond = threading.Condition()
         self._selector = selectors.DefaultSelector()
         self._sockets: dict[Path, socket.socket] = {}
-        self._buffers: dict[int, bytes] = {}
-        self._primary: Path | None = None
+        self._buffers: dict[socket.socket, bytes] = {}
+        self._dropped: dict[Path, tuple[int, int]] = {}  # console → identity of a socket let go
+        self._errors: dict[Path, str] = {}
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name=f"console-{vm}", daemon=True)
         self._thread.start()
 
-    def attach(self, path: Path, primary: bool) -> None:
+    def attach(self, path: Path, timeout_s: float = ATTACH_TIMEOUT_S) -> None:
+        """Wait until the console thread has connected to the QEMU console at `path`."""
         with self._cond:
-            if path in self._sockets:
-                if primary:
-                    self._primary = path
-                return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(str(path))
-        except OSError:
-            sock.close()
-            raise
-        sock.setblocking(False)
-        with self._cond:
-            self._sockets[path] = sock
-            self._buffers[sock.fileno()] = b""
-            self._selector.register(sock, selectors.EVENT_READ, path)
-            if primary:
-                self._primary = path
-
-    def make_primary(self, path: Path) -> None:
-        with self._cond:
-            self._primary = path
+            self._dropped.pop(path, None)
+            if not self._cond.wait_for(lambda: path in self._sockets, timeout=timeout_s):
+                raise QemuError(f"VM {self.vm}: cannot connect to its console {path}: "
+                                f"{self._errors.get(path, 'no socket')}")
 
     def detach(self, path: Path) -> None:
-        with self._cond:
-            sock = self._sockets.pop(path, None)
-            if sock is not None:
-                self._selector.unregister(sock)
-                self._buffers.pop(sock.fileno(), None)
-                sock.close()
-            if self._primary == path:
-                self._primary = None
+        """Stop following the QEMU console at `path` (a process about to go)."""
+        with contextlib.suppress(OSError), self._cond:
+            self._dropped[path] = _identity(path)
 
     def close(self) -> None:
-        for path in list(self._sockets):
-            self.detach(path)
         self._stop = True
         self._thread.join(timeout=2)
+        for sock in list(self._buffers):
+            self._close(sock)
 
     def send(self, line: str) -> None:
+        """Send a command to the QEMU process where the VM lives, waiting for the console
+        thread to reach it if the VM just moved."""
+        home = self._home()
         with self._cond:
-            if self._primary is None:
-                raise QemuError(f"VM {self.vm}: console not connected")
-            self._sockets[self._primary].setblocking(True)
-            self._sockets[self._primary].sendall(line.encode() + b"\n")
-            self._sockets[self._primary].setblocking(False)
+            if not self._cond.wait_for(lambda: home in self._sockets, timeout=ATTACH_TIMEOUT_S):
+                raise QemuError(f"VM {self.vm}: console not connected ({home.name})")
+            sock = self._sockets[home]
+            sock.setblocking(True)
+            try:
+                sock.sendall(line.encode() + b"\n")
+            finally:
+                sock.setblocking(False)
 
     def wait(self, predicate, timeout_s: float) -> bool:
         with self._cond:
             return self._cond.wait_for(predicate, timeout=timeout_s)
 
+    def _home(self) -> Path:
+        host = json.loads((self.vm_dir / "vm.json").read_text())["host"]
+        return self.vm_dir / f"{host}.serial"
+
     def _follow(self) -> None:
-        """Connect to any new QEMU console of the VM and send commands where the VM lives."""
+        """Connect to every live QEMU console of the VM not yet connected; let go of those
+        asked to (detach) while they are the same socket file."""
         for path in self.vm_dir.glob("*.serial"):
+            try:
+                identity = _identity(path)
+            except OSError:
+                continue
+            if self._dropped.get(path) == identity:
+                if path in self._sockets:
+                    self._close(self._sockets[path])
+                continue
             if path not in self._sockets:
-                with contextlib.suppress(OSError):  # a QEMU that is gone or not listening yet
-                    self.attach(path, primary=False)
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            home = self.vm_dir / f"{json.loads((self.vm_dir / 'vm.json').read_text())['host']}.serial"
-            if home in self._sockets and self._primary != home:
-                self.make_primary(home)
+                self._connect(path)
+
+    def _connect(self, path: Path) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(1.0)  # a QEMU that queues but does not accept must not stall the loop
+        try:
+            sock.connect(str(path))
+        except OSError as err:  # a QEMU that is gone or not listening yet
+            sock.close()
+            self._errors[path] = str(err)
+            return
+        sock.setblocking(False)
+        with self._cond:
+            self._sockets[path] = sock
+            self._buffers[sock] = b""
+            self._selector.register(sock, selectors.EVENT_READ, path)
+            self._cond.notify_all()
+
+    def _close(self, sock: socket.socket) -> None:
+        with self._cond:
+            for path, held in list(self._sockets.items()):
+                if held is sock:
+                    del self._sockets[path]
+            if self._buffers.pop(sock, None) is not None:
+                self._selector.unregister(sock)
+            sock.close()
 
     def _loop(self) -> None:
         while not self._stop:
-            self._follow()
-            if not self._sockets:
-                time.sleep(0.05)
-                continue
             try:
-                ready = self._selector.select(timeout=0.05)
-            except (OSError, ValueError):
-                continue
-            now = time.time()
-            for key, _ in ready:
-                self._read(key.fileobj, key.data, now)
+                self._step()
+            except Exception as err:  # noqa: BLE001 - the console must outlive any one bad read
+                self._errors[self.vm_dir] = f"{type(err).__name__}: {err}"
+                time.sleep(0.05)
 
-    def _read(self, sock: socket.socket, path: Path, now: float) -> None:
+    def _step(self) -> None:
+        self._follow()
+        if not self._sockets:
+            time.sleep(0.05)
+            return
+        ready = self._selector.select(timeout=0.05)
+        now = time.time()
+        for key, _ in ready:
+            self._read(key.fileobj, now)
+
+    def _read(self, sock: socket.socket, now: float) -> None:
         try:
             data = sock.recv(65536)
         except BlockingIOError:
             return
         except OSError:
             data = b""
+        if not data:  # that QEMU process ended
+            self._close(sock)
+            return
         with self._cond:
-            if not data:  # that QEMU process ended
-                if path in self._sockets:
-                    self.detach(path)
-                return
-            buffer = self._buffers.get(sock.fileno(), b"") + data
-            *lines, rest = buffer.split(b"\n")
-            self._buffers[sock.fileno()] = rest
+            *lines, rest = (self._buffers.get(sock, b"") + data).split(b"\n")
+            self._buffers[sock] = rest
             for raw in lines:
                 self._handle(raw.decode(errors="replace").strip("\r"), now)
             self._cond.notify_all()
@@ -562,7 +595,7 @@ class QemuDriver:
         if console is None:
             _, host = self._load(vm)
             console = _Console(vm, self._vm_dir(vm))
-            console.attach(self._instance(vm, host).serial, primary=True)
+            console.attach(self._instance(vm, host).serial)
             self._consoles[vm] = console
         return console
 
@@ -637,7 +670,6 @@ class QemuDriver:
         self._save(spec, destination.name)
         console = self._consoles.get(spec.name)
         if console is not None:
-            console.make_primary(self._instance(spec.name, destination.name).serial)
             console.detach(self._instance(spec.name, source.name).serial)
         self._stop_instance(spec.name, source)
 
@@ -692,7 +724,7 @@ class _Migration:
         await self.driver._confine_vcpus(self.spec, self.destination, self.dst)
         console = self.driver._consoles.get(self.spec.name)
         if console is not None:  # this process holds the console: follow the VM at once
-            console.attach(self.dst.serial, primary=False)
+            console.attach(self.dst.serial)
         async with _qmp(self.src.qmp) as src, _qmp(self.dst.qmp) as dst:
             src_events = _listen(src, "STOP")
             dst_events = _listen(dst, "RESUME")
