@@ -23,7 +23,7 @@ from testbed.runner import layouts
 
 Technique = Literal["qemu", "container", "xen", "openvz", "sim"]
 App = Literal["synthetic1", "synthetic-random", "kernel", "allocator", "idle"]
-Compression = Literal["none", "bzip2", "zstd"]
+Compression = Literal["none", "bzip2", "zstd", "zlib"]
 Mode = Literal["precopy", "stopcopy", "postcopy"]
 LayoutValue = str | list[int] | dict[str, int]  # a name from layouts.NAMED_LAYOUTS, counts, or PM per VM
 NonNegative = Annotated[float, Field(ge=0)]
@@ -32,10 +32,10 @@ NonNegative = Annotated[float, Field(ge=0)]
 DEFAULT_REPETITIONS = 7
 #: What each technique's migration can do where it is narrower than the axes (its driver refuses
 #: the rest at migration time, so a spec asking for it is refused here, before any host is
-#: touched): QEMU compresses its stream with multifd zstd and has no bzip2, nor compression with
-#: post-copy; containers migrate by stop-and-copy only, their dump sent through bzip2 (the
-#: thesis' App. A) or zstd.
-MIGRATION_COMPRESSION = {"qemu": ("none", "zstd"), "container": ("none", "bzip2", "zstd")}
+#: touched): QEMU compresses its stream with multifd zstd or zlib and has no bzip2, nor
+#: compression with post-copy; containers migrate by stop-and-copy only, their dump sent through
+#: bzip2 (the thesis' App. A) or zstd.
+MIGRATION_COMPRESSION = {"qemu": ("none", "zstd", "zlib"), "container": ("none", "bzip2", "zstd")}
 MIGRATION_MODES = {"container": ("stopcopy",)}
 
 
@@ -50,13 +50,15 @@ class _Strict(BaseModel):
 
 
 class Balancer(_Strict):
-    """The manager during "with migration" variants: policy, its parameters, the CC's interval."""
+    """The manager during "with migration" variants: policy, its parameters, the CC's interval,
+    and how the CC's orders migrate (mode, compression: the defaults of the matrix' axes)."""
 
     policy: str = "assign-u"
     params: dict[str, float] = {}
     interval_s: float = Field(10.0, ge=1.0)  # the thesis' 10 s (§4.2); the CC's minimum is 1 s
     cooldown_s: NonNegative = 60.0
     mode: Mode | None = None  # None: the technique's own (QEMU pre-copy, containers stop-and-copy)
+    compression: Compression = "none"  # of every migration the CC orders (MIGRATION_COMPRESSION)
 
     @model_validator(mode="after")
     def _policy_exists(self) -> Balancer:
@@ -76,7 +78,7 @@ class Matrix(_Strict):
     """Variant axes; their cross product (minus the spec's `exclude`) is the list of variants.
 
     `app`, `link_rate`, `compression` and `mode` default to the spec's app, the lab's link
-    rate, no compression and the balancer's mode; list them to vary them (Appendix A).
+    rate, the balancer's compression and mode; list them to vary them (Appendix A).
     """
 
     layout: list[LayoutValue] = Field(["balanced"], min_length=1)
@@ -110,6 +112,11 @@ class Variant:
     link_rate: str | None
     compression: str
     mode: str | None  # None: the technique's own
+
+    @property
+    def order_compression(self) -> str | None:
+        """The compression as a driver and the CC's orders take it (None: uncompressed)."""
+        return None if self.compression == "none" else self.compression
 
     @property
     def id(self) -> str:
@@ -191,7 +198,8 @@ class Spec(_Strict):
     def _technique_can(self, technique: str, variant: Variant) -> None:
         """Refuse a variant whose compression or mode the technique's migration does not have."""
         m = self.matrix
-        at_compression = ("matrix", "compression", (m.compression or ["none"]).index(variant.compression))
+        at_compression = (("matrix", "compression", m.compression.index(variant.compression)) if m.compression
+                          else ("balancer", "compression"))
         compressions = MIGRATION_COMPRESSION.get(technique, (variant.compression,))
         if variant.compression not in compressions:
             raise _fail(at_compression, f"{variant.compression}: technique {technique} compresses migrations "
@@ -215,7 +223,7 @@ class Spec(_Strict):
             "migration": m.migration,
             "app": m.app or [self.app],
             "link_rate": m.link_rate or [None],
-            "compression": m.compression or ["none"],
+            "compression": m.compression or [self.balancer.compression],
             "mode": m.mode or [self.balancer.mode],
         }
         result = []

@@ -18,6 +18,7 @@ import pytest
 from testbed.drivers.base import Host, MigrationMode, MigrationRecord, VMInfo, VMSpec
 from testbed.drivers.container import ContainerDriver, build_workloads
 from testbed.drivers.qemu import QemuDriver
+from testbed.errors import InputError
 from testbed.lab import DEFAULT_INVENTORY, load_lab
 from testbed.manager.local import TECHNIQUES, DriverDispatch, make_driver
 from testbed.runner import executor
@@ -32,13 +33,14 @@ class Listed:
     def __init__(self, technique: str, vms: list[VMInfo]) -> None:
         self.technique = technique
         self.vms = vms
-        self.orders: list[tuple[str, str, MigrationMode]] = []
+        self.orders: list[tuple[str, str, MigrationMode, str | None]] = []
 
     def list_vms(self) -> list[VMInfo]:
         return self.vms
 
-    def migrate(self, vm: str, destination: str, mode: MigrationMode) -> MigrationRecord:
-        self.orders.append((vm, destination, mode))
+    def migrate(self, vm: str, destination: str, mode: MigrationMode, *,
+                compression: str | None = None) -> MigrationRecord:
+        self.orders.append((vm, destination, mode, compression))
         return MigrationRecord(vm, "pm1", destination, mode, 0.0, "completed", 1.0, 1.0, 0)
 
 
@@ -46,14 +48,14 @@ def _vm(name: str, host: str, running: bool = True) -> VMInfo:
     return VMInfo(name, host, VMSpec(name), running)
 
 
-def test_an_order_goes_to_the_driver_that_runs_the_vm_here_with_its_mode() -> None:
+def test_an_order_goes_to_the_driver_that_runs_the_vm_here_with_its_mode_and_compression() -> None:
     qemu = Listed("qemu", [_vm("vm1", "pm1"), _vm("vm2", "pm2")])
     container = Listed("container", [_vm("vm2", "pm1"), _vm("vm3", "pm1", running=False)])
     dispatch = DriverDispatch({"qemu": qemu, "container": container}, "pm1")
-    assert dispatch("vm2", "pm3", "stopcopy").mode is MigrationMode.STOPCOPY
-    assert container.orders == [("vm2", "pm3", MigrationMode.STOPCOPY)] and qemu.orders == []
+    assert dispatch("vm2", "pm3", "stopcopy", "bzip2").mode is MigrationMode.STOPCOPY
+    assert container.orders == [("vm2", "pm3", MigrationMode.STOPCOPY, "bzip2")] and qemu.orders == []
     dispatch("vm1", "pm2", "precopy")
-    assert qemu.orders == [("vm1", "pm2", MigrationMode.PRECOPY)]
+    assert qemu.orders == [("vm1", "pm2", MigrationMode.PRECOPY, None)]
 
 
 @pytest.mark.parametrize(("vm", "found"), [("vm3", "no driver"), ("vm9", "no driver"),
@@ -139,3 +141,24 @@ def test_workloads_are_rebuilt_when_any_input_changes_and_only_then(state_dir: P
         subprocess.run(["touch", "-d", "2001-01-01", str(path)], check=True)
     build_workloads(bin_dir, sources)
     assert output() == "2" and (bin_dir / "tool").read_text() == "print('two')\n"
+
+
+def test_containers_get_the_kernel_root_only_once_it_is_prepared(tmp_path: Path) -> None:
+    """A tree the kernel_root role has not finished (no marker) is not mounted: the Kernel app
+    would find a half-built tree instead of failing plainly."""
+    from testbed.drivers.container import KERNEL_ROOT_MARKER
+
+    driver = ContainerDriver([Host("pm1", "198.18.0.11", 0.6, 4)], kernel_root=tmp_path)
+    assert not driver.has_kernel_root()
+    (tmp_path / KERNEL_ROOT_MARKER).parent.mkdir(parents=True)
+    (tmp_path / KERNEL_ROOT_MARKER).write_text("x86_64_defconfig kernel/**.o from .c\n")
+    assert driver.has_kernel_root()
+
+
+def test_exp3_runs_in_containers_only_with_memory_for_its_make_jobs() -> None:
+    spec = load_spec(REPO / "experiments" / "exp3.yml")
+    executor.supported(spec, ["qemu"])  # a QEMU kernel guest swaps to its disk
+    with pytest.raises(InputError, match=r"exp3: memory_mb: .* -j4 .* needs memory_mb >= 300 in a container"):
+        executor.supported(spec, ["container"])
+    executor.supported(spec.model_copy(update={"memory_mb": 300}), ["container"])
+    executor.supported(spec.model_copy(update={"vcpus": 1}), ["container"])  # -j2 in 200 MB

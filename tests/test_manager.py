@@ -21,6 +21,7 @@ import pytest
 import uvicorn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from testbed.balancer.assign_u import AssignU
 from testbed.drivers.base import CGROUP_ROOT, Host
@@ -30,6 +31,8 @@ from testbed.manager.api import (
     HostRequest,
     HostSample,
     ManagerClient,
+    MigrateOrder,
+    MigrationOutcome,
     VmSample,
     ensure_token,
     load_token,
@@ -37,8 +40,9 @@ from testbed.manager.api import (
 from testbed.manager.central import CentralController
 from testbed.manager.central import create_app as cc_app
 from testbed.manager.events import EventLog, read_events
-from testbed.manager.local import CgroupSampler, LocalController, Reading, VmCounters, summarize
+from testbed.manager.local import LocalController, summarize
 from testbed.manager.local import create_app as lc_app
+from testbed.manager.sampler import CgroupSampler, Reading, VmCounters
 from testbed.manager.snapshot import drain_decision, snapshot_from_samples
 
 TOKEN = "s3cret-token"
@@ -424,3 +428,49 @@ def test_cooldown_and_drain_hold_across_a_cc_restart(pms, tmp_path):
         again.set_drained("a", False)
         assert again.run_round()["action"] == "cooldown"
         again.stop()
+
+
+@pytest.mark.parametrize("model", [MigrateOrder, CcConfig])
+def test_compression_is_a_name_drivers_take_and_never_goes_with_post_copy(model):
+    base = {"vm": "vm1", "dest": "pm2"} if model is MigrateOrder else {}
+    for mode, compression in (("precopy", "zstd"), ("precopy", "zlib"), ("stopcopy", "bzip2"), ("postcopy", None)):
+        assert model(**base, mode=mode, compression=compression).compression == compression
+    assert model(**base).compression is None  # uncompressed unless asked
+    for bad in ({"compression": "lz4"}, {"compression": "zstd", "mode": "postcopy"}):
+        with pytest.raises(ValidationError):
+            model(**base, **bad)
+
+
+class _LcStub:
+    """An LC as the CC sees it: a fixed sample, and the orders it is posted."""
+
+    def __init__(self, sample: HostSample) -> None:
+        self.url = f"stub://{sample.host}"
+        self.sample = sample
+        self.orders: list[dict] = []
+
+    def get(self, path, **params):
+        return self.sample.model_dump(mode="json")
+
+    def post(self, path, body, timeout=None):
+        self.orders.append(body.model_dump(mode="json"))
+        return MigrationOutcome(vm=body.vm, source=self.sample.host, dest=body.dest, ok=True,
+                                record={"details": {"compression": body.compression}}).model_dump(mode="json")
+
+
+def test_cc_orders_migrations_in_its_configured_mode_and_compression(tmp_path):
+    lcs = {"a": _LcStub(_sample("a", 0.6, {"vm1": 45.0, "vm2": 45.0})), "b": _LcStub(_sample("b", 0.6, {}))}
+    cc = CentralController(lcs, CcConfig(interval=1.0, mode="stopcopy", compression="bzip2"), tmp_path / "ev.jsonl")
+    try:
+        ordered = cc.run_round()
+        assert ordered["action"] == "migrate", ordered
+        deadline = time.monotonic() + 10
+        while cc.in_flight is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        cc.stop()
+    assert ordered["order"]["compression"] == "bzip2"  # in the decision log, beside the mode
+    (order,) = lcs["a"].orders
+    assert (order["mode"], order["compression"], order["source"], order["dest"]) == ("stopcopy", "bzip2", "a", "b")
+    (event,) = [e for e in read_events(tmp_path / "ev.jsonl") if e["kind"] == "migration"]
+    assert event["ok"] and event["record"]["details"]["compression"] == "bzip2"

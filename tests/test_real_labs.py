@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -319,9 +320,10 @@ def test_balancer_runs_the_central_controller_as_a_systemd_unit(debian_hosts: No
 @pytest.mark.lab
 @pytest.mark.slow
 def test_balancer_runs_a_local_controller_on_a_real_pm(debian_hosts: None, tmp_path: Path) -> None:
-    """tr-pm1's LC as a systemd unit answering only with the token. Known gap (an xfail, only for
-    that exact failure): the LC samples the embedded lab's cgroups (/sys/fs/cgroup/cpu/testbed/<pm>),
-    which a real PM lacks, so it exits at start and the role times out waiting for its port."""
+    """tr-pm1's LC as a systemd unit answering only with the token, sampling the real host (no
+    lab cgroup there): its CPU use from /proc/stat, in percent of its CPUs, and no VMs. While
+    a busy loop spins on the host at least one of its CPUs is never idle, so the sample shows
+    at least about half of a 2-CPU machine busy, whatever else the machine runs."""
     import json
 
     import httpx
@@ -336,17 +338,25 @@ def test_balancer_runs_a_local_controller_on_a_real_pm(debian_hosts: None, tmp_p
             "--limit",
             "tr-pm1",
             "--extra-vars",
-            json.dumps({"balancer_wait_timeout": 20}),
+            json.dumps({"balancer_wait_timeout": 60}),
         ],
         timeout=1200,
     )
-    if "tr-pm1: testbed-lc does not answer on" in proc.stdout:
-        pytest.xfail("the LC cannot sample a real PM yet (testbed/manager/local.py: embedded cgroups only)")
     assert proc.returncode == 0, proc.stdout[-4000:]
-    token = token_file(inventory).read_text().strip()
+    token = {"Authorization": f"Bearer {token_file(inventory).read_text().strip()}"}
     assert httpx.get(LC_SAMPLE, timeout=10).status_code == 401
-    sample = httpx.get(LC_SAMPLE, headers={"Authorization": f"Bearer {token}"}, timeout=10)
-    assert sample.status_code == 200 and sample.json()["host"] == "tr-pm1", sample.text
+    time.sleep(2.5)  # the LC has just started: let it sample two seconds
+    sample = httpx.get(LC_SAMPLE, params={"window": 2}, headers=token, timeout=10)
+    assert sample.status_code == 200, sample.text
+    first = sample.json()
+    assert first["host"] == "tr-pm1" and first["vms"] == [] and first["capacity"] >= 1, first
+    assert isinstance(first["use"], float) and 0 <= first["use"] <= 100 and first["window"] >= 1.5, first
+    cpus = first["capacity"]
+    with subprocess.Popen([*on_host("tr-pm1"), "timeout 8 sh -c 'while :; do :; done'"]) as loop:
+        time.sleep(6)
+        busy = httpx.get(LC_SAMPLE, params={"window": 4}, headers=token, timeout=10).json()
+        loop.wait(timeout=30)
+    assert 100 / cpus * 0.8 <= busy["use"] <= 100 and busy["window"] >= 3, (first, busy)
 
 
 ANSIBLE_2010 = Path("/var/cache/testbed/ansible-2.12")

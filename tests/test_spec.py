@@ -115,3 +115,63 @@ def test_cli_reports_input_errors_in_one_line_with_exit_2(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert err == f"testbed: error: {tmp_path / 'nowhere'}: not a results directory (no runs.csv)\n"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"balancer": {"compression": "bzip2"}},
+         "balancer.compression: bzip2: technique qemu compresses migrations with zstd or zlib only"),
+        ({"techniques": ["container"], "balancer": {"compression": "zlib"}},
+         "balancer.compression: zlib: technique container compresses migrations with bzip2 or zstd only"),
+        ({"balancer": {"compression": "zstd", "mode": "postcopy"}},
+         "balancer.compression: zstd: QEMU cannot compress a post-copy migration"),
+        ({"balancer": {"compression": "lz4"}},
+         "balancer.compression: Input should be 'none', 'bzip2', 'zstd' or 'zlib'"),
+    ],
+)
+def test_balancer_compression_a_technique_lacks_is_refused_in_one_line(change, message):
+    with pytest.raises(InputError) as err:
+        parse_spec(BASE | change, "x.yml")
+    assert str(err.value) == f"x.yml: {message}"
+
+
+def test_balancer_compression_goes_into_every_variant_and_the_ccs_config():
+    """As the balancer's mode: the default of the matrix' axis, named in the variant ids, and
+    what the lab executor gives the CC for the run (None: uncompressed)."""
+    from testbed.manager.api import CcConfig
+    from testbed.runner.campaign import Run
+    from testbed.runner.executor import LabExecutor
+
+    plain = parse_spec(BASE | {"techniques": ["qemu", "container"]})
+    assert {v.compression for v in plain.variants()} == {"none"}
+    assert plain.variants()[0].order_compression is None
+    spec = parse_spec(BASE | {"techniques": ["qemu", "container"], "balancer": {"compression": "zstd"}})
+    variant = spec.variants()[-1]
+    assert variant.id == "synthetic1.balanced.mig.zstd" and variant.order_compression == "zstd"
+
+    class CcStub:
+        def put(self, path, config):
+            self.put_config = config
+
+    executor = LabExecutor.__new__(LabExecutor)
+    executor.cc = CcStub()
+    for technique, mode in (("qemu", "precopy"), ("container", "stopcopy")):
+        config = executor._configure_cc(Run(spec, technique, variant, 1), quiet=False)
+        assert config == executor.cc.put_config
+        assert (config.mode, config.compression, config.dry_run) == (mode, "zstd", False)
+        assert CcConfig.model_validate(config.model_dump(mode="json")) == config  # what PUT /v1/config takes
+
+
+def test_campaigns_recorded_before_balancer_compression_existed_still_resume():
+    import hashlib
+    import json
+
+    from testbed.runner.campaign import spec_fingerprint
+
+    spec = parse_spec(BASE)
+    before = json.loads(spec.model_dump_json(exclude={"repetitions", "description"}))
+    del before["balancer"]["compression"]  # a spec as dumped before the field was added
+    text = json.dumps(before, separators=(",", ":"))
+    assert spec_fingerprint(spec) == hashlib.sha256(text.encode()).hexdigest()[:16]
+    assert spec_fingerprint(parse_spec(BASE | {"balancer": {"compression": "zstd"}})) != spec_fingerprint(spec)

@@ -9,12 +9,16 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from testbed.errors import InputError
 from testbed.manager import CC_PORT, DEFAULT_EVENT_LOG, DEFAULT_TOKEN_FILE, LC_PORT
+
+if TYPE_CHECKING:
+    from testbed.drivers.base import Host
+    from testbed.manager.sampler import Sampler
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,6 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lc.add_argument("--listen", default=None, help="address to bind (default: the PM's lab address)")
     lc.add_argument("--port", type=int, default=LC_PORT)
     lc.add_argument("--period", type=float, default=1.0, help="sampling period, seconds")
+    lc.add_argument("--vm-cpu", default="none", metavar="TECHNIQUE",
+                    help="on a real PM, the technique whose tools report each VM's CPU: kvm, xen, openvz, "
+                         "container or none (the inventory's testbed_technique; the embedded lab's LC reads "
+                         "its cgroups)")
 
     cc = verb("cc", "run the Central Controller (on the controller host)", _cc)
     cc.add_argument("--policy", default="assign-u")
@@ -49,6 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cc.add_argument("--cooldown", type=float, default=60.0, help="seconds before a VM may move again")
     cc.add_argument("--mode", choices=["precopy", "stopcopy", "postcopy"], default="precopy",
                     help="migration mode")
+    cc.add_argument("--compression", choices=["zstd", "zlib", "bzip2"], default=None,
+                    help="compress migrations (QEMU: zstd, zlib; containers: bzip2, zstd); default none")
     cc.add_argument("--dry-run", action="store_true", help="decide and log, never migrate")
     cc.add_argument("--paused", action="store_true", help="start paused (resume with `testbed manager resume`)")
     cc.add_argument("--event-log", type=Path, default=DEFAULT_EVENT_LOG)
@@ -87,11 +97,9 @@ def _lc(args: argparse.Namespace) -> int:
     from testbed.manager.api import load_token
     from testbed.manager.local import (
         TECHNIQUES,
-        CgroupSampler,
         DriverDispatch,
         LocalController,
         create_app,
-        ensure_cgroupfs,
         lab_driver_hosts,
         make_driver,
     )
@@ -100,18 +108,32 @@ def _lc(args: argparse.Namespace) -> int:
     for technique in techniques:
         if technique not in TECHNIQUES:
             raise InputError(f"--technique: {technique!r} has no driver (available: {', '.join(TECHNIQUES)})")
-    ensure_cgroupfs()  # first: it needs a process without threads
-    lab = _lab(args)
+    lab = _lab(args)  # reading the inventory starts no thread: ensure_cgroupfs may still unshare
     try:
         host = lab.host(args.host)
     except KeyError:
         raise InputError(f"--host: {args.host} is not a host of {lab.inventory}") from None
-    token = load_token(args.token_file)
     hosts = lab_driver_hosts(lab)
+    sampler = _sampler(lab.embedded, hosts[host.name], args.vm_cpu)
+    token = load_token(args.token_file)
     drivers = {technique: make_driver(technique, hosts.values()) for technique in techniques}
-    lc = LocalController(CgroupSampler(hosts[host.name]), DriverDispatch(drivers, host.name), args.period)
+    lc = LocalController(sampler, DriverDispatch(drivers, host.name), args.period)
     _serve(create_app(lc, token), args.listen or host.address, args.port)
     return 0
+
+
+def _sampler(embedded: bool, host: Host, vm_cpu: str) -> Sampler:
+    """The embedded lab's PM is its cgroup (made visible first: that needs a process without
+    threads); a real PM is the whole machine, its VMs those its technique's tools list."""
+    from testbed.manager.sampler import CgroupSampler, ProcStatSampler, ensure_cgroupfs, vm_reader
+
+    if embedded:
+        ensure_cgroupfs()
+        return CgroupSampler(host)
+    try:
+        return ProcStatSampler(host.name, vm_reader(vm_cpu, host))
+    except ValueError as err:
+        raise InputError(f"--vm-cpu: {err}") from None
 
 
 def _parse_params(pairs: list[str]) -> dict[str, Any]:
@@ -135,7 +157,8 @@ def _cc(args: argparse.Namespace) -> int:
     token = load_token(args.token_file)
     try:
         config = CcConfig(policy=args.policy, params=_parse_params(args.param), interval=args.interval,
-                          signal=args.signal, cooldown=args.cooldown, dry_run=args.dry_run, mode=args.mode)
+                          signal=args.signal, cooldown=args.cooldown, dry_run=args.dry_run, mode=args.mode,
+                          compression=args.compression)
     except ValidationError as err:
         raise InputError(describe_validation_error(err, "testbed manager cc")) from None
     lcs = {pm.name: ManagerClient(url_for(pm.address, LC_PORT), token) for pm in lab.pms}

@@ -4,7 +4,9 @@ A container is a process tree in its own PID, mount, UTS, IPC and network namesp
 network namespace has a veth straight to the lab bridge with an address of its own (like
 OpenVZ's venet), so the address survives a migration. Its root is the machine's root, read-only
 in its mount namespace, with a private writable directory (on the lab's VM storage when the
-vm_storage layout exists) bound at /root and /tmp. Its cgroups (cpu, cpuacct, memory, freezer)
+vm_storage layout exists) bound at /root and /tmp; where the Kernel app's Debian root has been
+built (KERNEL_ROOT), it is mounted at /mnt as an overlay whose writable layer is in that private
+directory, so a compile there writes to the container's own storage. Its cgroups (cpu, cpuacct, memory, freezer)
 are nested in its current PM's: capped at vcpus/cores of the PM's capacity and at its memory
 size, so its CPU comes out of that PM's capacity. Its PID 1 is container_init.py, which starts
 workloads and logs their output with kernel-clock (= host-clock) times.
@@ -66,14 +68,30 @@ INIT = Path(__file__).with_name("container_init.py")
 #: state directory: the checkout and its venv may live under /tmp or /root, which the
 #: container's own /tmp and /root hide.
 INIT_PYTHON = "/usr/bin/python3"
+#: The Kernel app's Debian root with its prepared linux-source tree (docs/workloads.md), as the
+#: kernel_root role keeps it on every PM: the QEMU kernel guest's disk image is made from it.
+KERNEL_ROOT = Path("/var/cache/testbed/kernel-root")
+#: What the role writes into the tree once it is prepared: a tree without it is not mounted.
+KERNEL_ROOT_MARKER = "usr/src/linux/.testbed-prepared"
 #: Mounts in the container's own mount namespace: the host's root read-only, its private
-#: directory at /root and /tmp, its state directory writable (the init's socket and logs).
+#: directory at /root and /tmp, its state directory writable (the init's socket and logs), and
+#: (KERNELROOT set) the Kernel app's root at /mnt, as an overlay whose upper layer is in the
+#: private directory, with the container's /dev and its own PID namespace's /proc: the app's
+#: command is then `chroot /mnt /usr/local/bin/kernel JOBS COUNT` as in a QEMU kernel guest,
+#: whose init mounts its root disk at /mnt.
 _SETUP = """
 mount --make-rprivate /
 mkdir -p "$ROOTDIR/home" "$ROOTDIR/tmp"
 mount --bind "$ROOTDIR/home" /root
 mount --bind "$ROOTDIR/tmp" /tmp
 mount --bind "$STATEDIR" "$STATEDIR"
+if [ -n "$KERNELROOT" ]; then
+    mkdir -p "$ROOTDIR/kernel/upper" "$ROOTDIR/kernel/work"
+    mount -t overlay overlay \
+        -o "lowerdir=$KERNELROOT,upperdir=$ROOTDIR/kernel/upper,workdir=$ROOTDIR/kernel/work" /mnt
+    mount --rbind /dev /mnt/dev
+    mount -t proc proc /mnt/proc
+fi
 mount -o remount,bind,ro /
 hostname "$NAME"
 cd /root
@@ -121,6 +139,7 @@ class ContainerDriver:
         storage: StorageLayout = DEFAULT_LAYOUT,
         connect_timeout_s: float = 5.0,
         migration_timeout_s: float = 300.0,
+        kernel_root: Path = KERNEL_ROOT,
     ) -> None:
         if any(state_dir.resolve().is_relative_to(p) for p in (Path("/tmp"), Path("/root"))):
             raise ContainerError(f"state dir {state_dir}: a container's own /tmp and /root would hide it")
@@ -132,6 +151,7 @@ class ContainerDriver:
         self.storage = storage
         self.connect_timeout_s = connect_timeout_s
         self.migration_timeout_s = migration_timeout_s
+        self.kernel_root = kernel_root
         self._runs: dict[tuple[str, str], WorkloadRun] = {}
 
     # --- inventory ---------------------------------------------------------------------------
@@ -268,7 +288,7 @@ class ContainerDriver:
         shutil.copyfile(INIT, init)
         env = {"PATH": f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin", "ROOTDIR": state.root_dir,
                "STATEDIR": str(self._dir(name)), "NAME": name, "SYNTHETIC1": str(bin_dir / "synthetic1"),
-               "HOME": "/root"}
+               "HOME": "/root", "KERNELROOT": str(self.kernel_root) if self.has_kernel_root() else ""}
         argv = [*cgroups.join_then_exec(procs), "nsenter", f"--net=/run/netns/{state.netns}",
                 "unshare", "--pid", "--fork", "--mount-proc", "--mount", "--uts", "--ipc", "--kill-child",
                 "sh", "-ec", _SETUP, "sh", INIT_PYTHON, "-I", "-S", str(init), str(self._dir(name))]
@@ -276,6 +296,10 @@ class ContainerDriver:
             launcher = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                         start_new_session=True)
         return launcher.pid
+
+    def has_kernel_root(self) -> bool:
+        """Whether containers get the Kernel app's root at /mnt (its tree is built and prepared)."""
+        return (self.kernel_root / KERNEL_ROOT_MARKER).is_file()
 
     def _wait_ready(self, vm: str, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 import httpx
 from fastapi import Depends, FastAPI, HTTPException, Request
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from testbed.errors import InputError
 
@@ -29,6 +29,16 @@ Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:+-]{1,200}$")]
 Signal = Literal["use", "demand"]
 MAX_WINDOW = 120.0  # seconds of counters an LC keeps: the longest window (and CC interval)
 MigrationMode = Literal["precopy", "stopcopy", "postcopy"]
+#: What a migration's stream may be compressed with (None: not at all); each technique's driver
+#: takes some of them (QEMU: zstd, zlib; containers: bzip2, zstd) and refuses the others.
+MigrationCompression = Literal["zstd", "zlib", "bzip2"]
+
+
+def _compressible(mode: MigrationMode, compression: MigrationCompression | None) -> None:
+    """Refuse compression with post-copy, which no driver can combine (QEMU 7.2's multifd
+    compression is pre-copy only; containers migrate by stop-and-copy)."""
+    if compression is not None and mode == "postcopy":
+        raise ValueError(f"compression {compression} cannot go with a post-copy migration")
 
 
 class VmSample(BaseModel):
@@ -58,12 +68,20 @@ class HostSample(BaseModel):
 
 class MigrateOrder(BaseModel):
     """Move `vm` to `dest`. `source`, if given, is where the sender believes the VM is; the LC
-    refuses (409) an order whose source is not itself, rather than act on a stale belief."""
+    refuses (409) an order whose source is not itself, rather than act on a stale belief.
+    `mode` and `compression` reach the VM's driver unchanged; one that lacks them fails the
+    migration with its reason (the runner's spec validation keeps such orders from being made)."""
 
     vm: Name
     dest: Name
     source: Name | None = None
     mode: MigrationMode = "precopy"
+    compression: MigrationCompression | None = None
+
+    @model_validator(mode="after")
+    def _compression_fits_mode(self) -> MigrateOrder:
+        _compressible(self.mode, self.compression)
+        return self
 
 
 class MigrationOutcome(BaseModel):
@@ -102,8 +120,14 @@ class CcConfig(BaseModel):
     signal: Signal = "use"
     cooldown: float = Field(60.0, ge=0, description="seconds before a moved VM may move again")
     mode: MigrationMode = "precopy"
+    compression: MigrationCompression | None = None
     dry_run: bool = False
     label: Label | None = None
+
+    @model_validator(mode="after")
+    def _compression_fits_mode(self) -> CcConfig:
+        _compressible(self.mode, self.compression)
+        return self
 
 
 class CcStatus(BaseModel):

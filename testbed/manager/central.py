@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, HTTPException, Query
 
-from testbed.balancer import Policy, get_policy
+from testbed.balancer import Decision, Policy, get_policy
 from testbed.balancer.assign_u import AssignU
 from testbed.errors import InputError
 from testbed.manager.api import (
@@ -142,7 +142,7 @@ class CentralController:
             if action is None:
                 drain = drain_decision(snapshot, self.policy if isinstance(self.policy, AssignU) else AssignU())
                 decision = drain or self.policy(snapshot)
-                order = decision_order(decision, config.mode)
+                order = _order(decision, config)
                 action = self._action_for(order, draining=drain is not None)
                 if action == "migrate":
                     self.in_flight = order
@@ -248,6 +248,12 @@ class CentralController:
             self.events.append("cc-stop")
             self.events.close()
             self._closed = True
+
+
+def _order(decision: Decision | None, config: CcConfig) -> MigrateOrder | None:
+    """The decision's migration as an order, in the configured mode and compression."""
+    order = decision_order(decision, config.mode)
+    return None if order is None else MigrateOrder(**order.model_dump() | {"compression": config.compression})
 
 
 def _describe(err: Exception) -> str:

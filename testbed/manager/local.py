@@ -1,152 +1,28 @@
-"""The Local Controller (LC): one per PM. Samples the PM's and its VMs' CPU from the cgroups of
-the embedded-lab contract, answers the CC's collections, and executes the migrations it orders
+"""The Local Controller (LC): one per PM. Samples the PM's and its VMs' CPU through a Sampler
+(testbed.manager.sampler: the embedded lab's cgroups, or a real PM's /proc/stat and its
+technique's tools), answers the CC's collections, and executes the migrations it orders
 with the driver of the VM's technique: it holds one driver per technique and takes the one that
 lists the VM running on its PM (`DriverDispatch`), so one LC serves QEMU VMs and containers.
 
-Where the numbers come from (cgroup v1, the lab contract):
-- PM use: cpuacct.usage of testbed/<pm>, which holds everything running "on" the PM, VMs and
-  migration machinery alike; capacity: cpu.cfs_quota_us / cpu.cfs_period_us of that cgroup.
-- VM use: cpuacct.usage of the nested testbed/<pm>/<vm>; its limit is that cgroup's quota.
-- VM wait: the run_delay (ns spent runnable but not running, /proc/TID/schedstat) of every
-  thread in the VM's cgroup, which includes time throttled by a CFS quota; cpu.stat's
-  throttled_time is reported beside it. demand = min(use + wait, limit).
+demand = min(use + wait, limit): a VM's wait is the time its threads were runnable but not
+running, where the sampler can tell (the embedded lab's cgroups).
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Query
 
-from testbed.drivers.base import CGROUP_ROOT, Driver, Host, MigrationMode, MigrationRecord
-from testbed.lab import CGROUP_CONTROLLERS, Lab
+from testbed.drivers.base import Driver, Host, MigrationMode, MigrationRecord
+from testbed.lab import Lab
 from testbed.manager.api import MAX_WINDOW, HostSample, MigrateOrder, MigrationOutcome, VmSample, make_app
+from testbed.manager.sampler import NS_PER_S, Reading, Sampler
 
-NS_PER_S = 1_000_000_000
 STALE_PERIODS = 5  # no reading for this many periods: the LC says so (503) instead of answering
-
-_CLONE_NEWNS = 0x00020000
-_MS_REC = 0x4000
-_MS_SLAVE = 0x80000
-
-
-def ensure_cgroupfs(root: Path = CGROUP_ROOT) -> bool:
-    """Make the lab's cgroup hierarchies visible to this process; True if it had to mount.
-
-    `ip netns exec` (how the PM's sshd, and so everything started "on" the PM, entered its
-    namespace) remounts /sys, which hides /sys/fs/cgroup, and /proc/1/root is not readable
-    here. Mounting cgroup v1 again is allowed, so the LC takes a private mount namespace (no
-    other process of the PM sees the change) and mounts the hierarchies of the lab contract:
-    cpu and cpuacct to read, all four for the driver to start QEMU in a PM's cgroups. Must run
-    before any thread starts: unshare(CLONE_NEWNS) is refused to a threaded process."""
-    if (root / "cpuacct" / "cpuacct.usage").exists():
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def check(result: int, what: str) -> None:
-        if result != 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, f"{what}: {os.strerror(errno)}")
-
-    check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    check(libc.mount(b"none", b"/", None, _MS_REC | _MS_SLAVE, None), "make / a slave mount")
-    check(libc.mount(b"tmpfs", bytes(root), b"tmpfs", 0, b"mode=755"), f"mount tmpfs on {root}")
-    for controller in CGROUP_CONTROLLERS:
-        target = root / controller
-        target.mkdir(exist_ok=True)
-        check(libc.mount(b"cgroup", bytes(target), b"cgroup", 0, controller.encode()), f"mount {target}")
-    return True
-
-
-@dataclass(frozen=True)
-class VmCounters:
-    usage_ns: int
-    run_delay_ns: dict[int, int]
-    throttled_ns: int
-    limit_cpus: float
-
-
-@dataclass(frozen=True)
-class Reading:
-    """Cumulative counters at one instant (monotonic `t`, Unix `wall`)."""
-
-    t: float
-    wall: float
-    host_usage_ns: int
-    vms: dict[str, VmCounters]
-
-
-def _read_int(path: Path) -> int:
-    return int(path.read_text().split()[0])
-
-
-def _quota_cpus(cpu_cgroup: Path) -> float | None:
-    quota = _read_int(cpu_cgroup / "cpu.cfs_quota_us")
-    return None if quota < 0 else quota / _read_int(cpu_cgroup / "cpu.cfs_period_us")
-
-
-def _holds_tasks(cgroup: Path) -> bool:
-    try:
-        return bool((cgroup / "tasks").read_text().strip())
-    except FileNotFoundError:  # removed while listed
-        return False
-
-
-def _run_delays(tasks_file: Path) -> dict[int, int]:
-    delays = {}
-    for tid in tasks_file.read_text().split():
-        try:
-            delays[int(tid)] = int((Path("/proc") / tid / "schedstat").read_text().split()[1])
-        except (OSError, IndexError):
-            continue  # the thread exited between the two reads
-    return delays
-
-
-class CgroupSampler:
-    """Reads the counters of one PM's cgroup and of the VM cgroups nested in it.
-
-    The VMs are the nested cgroups that hold at least one task: the driver names a VM's cgroup
-    after the VM (one identity everywhere) and an emptied cgroup left behind by a migration
-    is not a VM any more."""
-
-    def __init__(self, host: Host) -> None:
-        self.host = host.name
-        self.cpu = host.cgroup("cpu")
-        self.cpuacct = host.cgroup("cpuacct")
-        self.capacity = _quota_cpus(self.cpu) or float(os.cpu_count() or 1)
-
-    def vm_names(self) -> list[str]:
-        return sorted(child.name for child in self.cpu.iterdir() if child.is_dir() and _holds_tasks(child))
-
-    def read(self) -> Reading:
-        vms = {}
-        for name in self.vm_names():
-            try:
-                vms[name] = VmCounters(
-                    usage_ns=_read_int(self.cpuacct / name / "cpuacct.usage"),
-                    run_delay_ns=_run_delays(self.cpu / name / "tasks"),
-                    throttled_ns=_throttled_ns(self.cpu / name),
-                    limit_cpus=_quota_cpus(self.cpu / name) or self.capacity,
-                )
-            except FileNotFoundError:
-                continue  # the VM left (migrated away or destroyed) while being read
-        return Reading(t=time.monotonic(), wall=time.time(),
-                       host_usage_ns=_read_int(self.cpuacct / "cpuacct.usage"), vms=vms)
-
-
-def _throttled_ns(cpu_cgroup: Path) -> int:
-    for line in (cpu_cgroup / "cpu.stat").read_text().splitlines():
-        key, value = line.split()
-        if key == "throttled_time":
-            return int(value)
-    return 0
 
 
 def summarize(host: str, capacity: float, readings: Sequence[Reading], window: float) -> HostSample:
@@ -154,7 +30,9 @@ def summarize(host: str, capacity: float, readings: Sequence[Reading], window: f
     from the newest reading at least `window` old (or the oldest there is) to the newest.
 
     Each VM is measured from the oldest reading in the window that already had it, so a VM
-    that just arrived is measured over the time it has been here."""
+    that just arrived is measured over the time it has been here. A PM that counts its total CPU
+    time (a real PM's /proc/stat) is measured as busy over total, so the kernel's own tick
+    accounting, not the LC's clock, decides what 100 % is."""
     new = readings[-1]
     start = max((k for k, r in enumerate(readings) if r.t <= new.t - window), default=0)
     inside = readings[start:]
@@ -172,11 +50,17 @@ def summarize(host: str, capacity: float, readings: Sequence[Reading], window: f
         used = max(now.usage_ns - before.usage_ns, 0)
         waited = sum(max(delay - before.run_delay_ns.get(tid, 0), 0)
                      for tid, delay in now.run_delay_ns.items())
-        demand = max(used, min(used + waited, seconds * NS_PER_S * now.limit_cpus))
+        limit_cpus = capacity if now.limit_cpus is None else now.limit_cpus
+        demand = max(used, min(used + waited, seconds * NS_PER_S * limit_cpus))
         vms.append(VmSample(name=name, use=percent(used, seconds), demand=percent(demand, seconds),
-                            limit=100.0 * now.limit_cpus / capacity,
+                            limit=100.0 * limit_cpus / capacity,
                             throttled=max(now.throttled_ns - before.throttled_ns, 0) / NS_PER_S))
-    use = percent(max(new.host_usage_ns - old.host_usage_ns, 0), elapsed)
+    busy = max(new.host_usage_ns - old.host_usage_ns, 0)
+    if new.host_total_ns is not None and old.host_total_ns is not None and new.host_total_ns > old.host_total_ns:
+        # at most 100 %: the kernel may step a CPU's iowait back (proc(5)), never its busy fields
+        use = 100.0 * min(busy / (new.host_total_ns - old.host_total_ns), 1.0)
+    else:
+        use = percent(busy, elapsed)
     vm_use = sum(vm.use for vm in vms)
     demand = max(use - vm_use, 0.0) + sum(vm.demand for vm in vms)
     return HostSample(host=host, t=new.wall, window=elapsed, capacity=capacity,
@@ -189,8 +73,8 @@ def lab_driver_hosts(lab: Lab) -> dict[str, Host]:
             for pm in lab.pms}
 
 
-Migrate = Callable[[str, str, str], MigrationRecord]
-"""How an LC executes a migration: (vm, destination host, mode) -> MigrationRecord; in the
+Migrate = Callable[[str, str, str, str | None], MigrationRecord]
+"""How an LC executes a migration: (vm, destination host, mode, compression) -> MigrationRecord; in the
 daemon, a DriverDispatch over every technique's driver (testbed.drivers.base.Driver)."""
 
 #: The techniques with a driver on the embedded lab; an LC holds all of them by default.
@@ -218,9 +102,10 @@ class DriverDispatch:
     CC's config): the drivers already know it from their state (one identity for a VM
     everywhere, thesis §3.2), so nothing can name the wrong one; one set of daemons serves a lab
     whatever technique a campaign runs, without a restart between techniques; and the order's
-    mode is passed on unchanged, so a mode the technique lacks (a pre-copy order for a
-    container) fails with the driver's reason instead of being swapped for another, which would
-    mislabel the run. The runner sets the mode per run (the technique's own by default)."""
+    mode and compression are passed on unchanged, so one the technique lacks (a pre-copy order
+    for a container, bzip2 for QEMU) fails with the driver's reason instead of being swapped for
+    another, which would mislabel the run. The runner sets both per run (the technique's own
+    mode and no compression by default)."""
 
     def __init__(self, drivers: Mapping[str, Driver], host: str) -> None:
         self.drivers = dict(drivers)
@@ -235,12 +120,12 @@ class DriverDispatch:
             raise LookupError(f"{self.host}: {found} of {', '.join(self.drivers)} list {vm} running here")
         return self.drivers[holders[0]]
 
-    def __call__(self, vm: str, destination: str, mode: str) -> MigrationRecord:
-        return self.driver_for(vm).migrate(vm, destination, MigrationMode(mode))
+    def __call__(self, vm: str, destination: str, mode: str, compression: str | None = None) -> MigrationRecord:
+        return self.driver_for(vm).migrate(vm, destination, MigrationMode(mode), compression=compression)
 
 
 class LocalController:
-    def __init__(self, sampler: CgroupSampler, migrate: Migrate | None, period: float = 1.0) -> None:
+    def __init__(self, sampler: Sampler, migrate: Migrate | None, period: float = 1.0) -> None:
         self.sampler = sampler
         self.host = sampler.host
         self.period = period
@@ -289,7 +174,7 @@ class LocalController:
             raise HTTPException(status_code=409, detail=f"{self.host}: a migration is in flight")
         outcome = MigrationOutcome(vm=order.vm, source=self.host, dest=order.dest, ok=False)
         try:
-            record = self._migrate(order.vm, order.dest, order.mode)
+            record = self._migrate(order.vm, order.dest, order.mode, order.compression)
             outcome.record = record.as_dict()
             outcome.ok, outcome.error = record.status == "completed", record.error
         except Exception as err:  # noqa: BLE001 - any driver failure is reported to the CC with its reason

@@ -181,8 +181,12 @@ def _target(spec: Spec, cell: Cell, statuses: Mapping[str, str],
 
 
 def spec_fingerprint(spec: Spec) -> str:
-    """What must not change between a campaign and its resumption (repetitions may grow)."""
-    text = spec.model_dump_json(exclude={"repetitions", "description"})
+    """What must not change between a campaign and its resumption (repetitions may grow).
+
+    A field added to specs after campaigns were recorded is left out while at its default
+    (`balancer.compression` none), so that those campaigns still resume."""
+    added = {"balancer": {"compression"}} if spec.balancer.compression == "none" else {}
+    text = spec.model_dump_json(exclude={"repetitions": True, "description": True, **added})
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -50,6 +50,7 @@ from testbed.runner.executor import (
     LabExecutor,
     _CpuSampler,
     chains,
+    kernel_fits,
 )
 from testbed.spec import Spec
 
@@ -93,9 +94,8 @@ def supported(spec: Spec, techniques: Sequence[str]) -> None:
                 raise InputError(f"{where}: memory_mb: the allocator writes {ALLOCATOR_SHARE:.0%} of the VM's memory "
                                  f"and a QEMU guest keeps ~{QEMU_GUEST_FOOTPRINT_MB} MB for itself: use memory_mb >= "
                                  f"{QEMU_GUEST_FOOTPRINT_MB / (1 - ALLOCATOR_SHARE):.0f}")
-            if variant.app == "kernel" and technique != "qemu":  # as the lab executor says
-                raise InputError(f"{where}: matrix.app: kernel runs in the QEMU kernel guest only (a container "
-                                 f"root has no toolchain yet): exclude {{technique: {technique}, app: kernel}}")
+            if variant.app == "kernel":
+                kernel_fits(spec, [technique])
 
 
 class MigrationStudyExecutor(LabExecutor):
@@ -122,8 +122,7 @@ class MigrationStudyExecutor(LabExecutor):
                 app = self._start_app(driver, run, vm, timeout, details)
                 self.log("migrate")
                 mode = MigrationMode(run.variant.mode or DEFAULT_MODES[run.technique])
-                compression = None if run.variant.compression == "none" else run.variant.compression
-                record = driver.migrate(vm, destination, mode, compression=compression)
+                record = driver.migrate(vm, destination, mode, compression=run.variant.order_compression)
                 details["migration"] = record.as_dict()
                 details["continued"] = continued = self._continued(driver, vm, destination, app, record)
         except Exception as err:  # noqa: BLE001 - a VM or app that failed fails this run only

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Builds the root disk of the kernel guest: a Debian 12 root made with debootstrap holding the
-# toolchain a kernel compile needs and Debian's linux-source, configured (x86_64 defconfig) and
-# prepared (`make prepare`) natively here, so that in a guest the Kernel workload only compiles
-# objects (see workloads/kernel/kernel and docs/workloads.md).
+# Builds the root of the Kernel app: a Debian 12 root made with debootstrap holding the toolchain
+# a kernel compile needs and Debian's linux-source, configured (x86_64 defconfig) and prepared
+# (`make prepare`) natively here, so that the Kernel workload only compiles objects (see
+# workloads/kernel/kernel and docs/workloads.md); then, for QEMU, the kernel guest's root disk.
 #
-# The guest still boots the busybox initramfs of build-guest.sh, whose init mounts this file
-# system (through a per-VM qcow2 overlay whose backing file is the image built here, so every
-# write of the compile goes to the VM's own disk) and chroots into it to run the workload.
+# A QEMU kernel guest still boots the busybox initramfs of the qemu role's build-guest.sh, whose
+# init mounts the disk made here (through a per-VM qcow2 overlay whose backing file is this
+# image, so every write of the compile goes to the VM's own disk) and chroots into it to run the
+# workload. A container mounts the tree itself at /mnt, under an overlay whose upper layer is in
+# its private directory (testbed.drivers.container), and chroots into it the same way.
 #
-# usage: build-kernel-root.sh WORKLOAD_SCRIPT OUTPUT_DIR [CACHE_DIR]
+# usage: build-kernel-root.sh WORKLOAD_SCRIPT OUTPUT_DIR|- [CACHE_DIR]
 #   WORKLOAD_SCRIPT  workloads/kernel/kernel, installed as /usr/local/bin/kernel in the root
-#   OUTPUT_DIR       where kernel-root.qcow2 goes (the qemu role's image directory)
+#   OUTPUT_DIR       where kernel-root.qcow2 goes (the PM's share of the VM storage); `-`: no
+#                    image, the tree only (containers)
 #   CACHE_DIR        the root's directory tree, kept between builds (default
 #                    /var/cache/testbed/kernel-root)
 #
@@ -26,6 +29,7 @@ packages=gcc,make,bc,flex,bison,libelf-dev,libssl-dev,binutils,libc6-dev,xz-util
 config=x86_64_defconfig
 objects_dir=kernel # the objects of this directory, in this configuration, make the list
 image=$out/kernel-root.qcow2
+changed=unchanged
 
 # Run a command inside the root, with /proc and /dev, in a mount namespace of its own (the
 # mounts vanish with it, whatever happens).
@@ -45,6 +49,7 @@ if [[ ! -f $root/.testbed-root || $(cat "$root/.testbed-root") != "$packages" ]]
     rm -f "$root.tmp"/var/cache/apt/archives/*.deb
     echo "$packages" > "$root.tmp/.testbed-root"
     mv "$root.tmp" "$root"
+    changed=changed
 fi
 
 # 2. The source tree: extracted, configured, prepared; the object list comes from a native
@@ -68,8 +73,16 @@ if [[ ! -f $tree/.testbed-prepared || $(cat "$tree/.testbed-prepared") != "$rule
     done | LC_ALL=C sort > testbed-objects.list)
     (cd "$tree" && xargs -a testbed-objects.list rm -f)
     echo "$rule" > "$tree/.testbed-prepared"
+    changed=changed
 fi
-install -m 0755 "$script" "$root/usr/local/bin/kernel"
+if ! cmp -s "$script" "$root/usr/local/bin/kernel"; then
+    install -m 0755 "$script" "$root/usr/local/bin/kernel"
+    changed=changed
+fi
+if [[ $out == - ]]; then
+    echo "$changed"
+    exit 0
+fi
 
 # 3. The disk image: an ext4 file system of the root (mkfs.ext4 -d keeps the files' times, so
 # make in the guest finds the prepared tree up to date), as qcow2, the overlays' backing file.
