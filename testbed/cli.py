@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"testbed: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the commands clean up on the way out (finally blocks)
+        print(f"testbed: {args.command} interrupted; what was recorded is kept "
+              "(rerun the same command to resume)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

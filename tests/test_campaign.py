@@ -175,3 +175,25 @@ def test_controller_provenance_names_the_checkout():
     facts = controller_provenance()
     assert len(facts["git"]["revision"]) == 40 and isinstance(facts["git"]["dirty"], bool)
     assert any(line.lower().startswith("pydantic==") for line in facts["pip_freeze"])
+
+
+def test_a_campaign_ends_on_sigterm_and_ignored_sigint_as_on_ctrl_c() -> None:
+    """`testbed run` in the background (SIGINT ignored by the shell) or stopped with `kill`: both
+    signals become KeyboardInterrupt, so the run in flight is cleaned up and records are kept."""
+    import os
+    import signal
+    import time
+
+    from testbed.commands.run import _interruptible
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _interruptible()
+        for sig in saved:
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), sig)
+                time.sleep(1)  # the handler runs at the next bytecode boundary
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

@@ -56,7 +56,8 @@ def test_a_run_is_kept_archived_with_its_recap_and_pruned(local_inventory: Path,
     assert f"{got['ident']}/stdout" in names and any("/job_events/" in n for n in names)
 
     for _ in range(provisioning.KEEP):  # the idents are per second: make each run's distinct
-        for run in provisioning.artifacts_dir(local_inventory).glob("site-*"):
+        # oldest first, so that each new name is free (two runs within one second share one)
+        for run in sorted(provisioning.artifacts_dir(local_inventory).glob("site-*")):
             run.rename(run.with_name(f"site-0{run.name.removeprefix('site-')}"))
         assert run_playbook(playbook, local_inventory).rc == 0
     kept = sorted(provisioning.artifacts_dir(local_inventory).glob("site-*"))

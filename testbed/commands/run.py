@@ -11,6 +11,7 @@ Rerunning the same command resumes: recorded runs are skipped.
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -79,6 +80,14 @@ def _checked(args: argparse.Namespace):
     return spec, lab, techniques, results
 
 
+def _interruptible() -> None:
+    """SIGTERM (a `kill`, a service stop) and SIGINT end a campaign as Ctrl-C does: the run in
+    flight is cleaned up and what was recorded is kept. A shell starts background jobs with SIGINT
+    ignored, and Python keeps that: such a campaign could otherwise only be killed outright."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def run(args: argparse.Namespace) -> int:
     from testbed.commands.sim import run_simulated, wants_simulation
 
@@ -94,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from testbed.runner.lock import campaign_lock
     from testbed.runner.migration_study import MigrationStudyExecutor
 
+    _interruptible()
     cc = cc_client(lab)
     try:
         cc.get("/v1/status")

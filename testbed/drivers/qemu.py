@@ -464,9 +464,12 @@ class QemuDriver:
         console = self._consoles.pop(vm, None)
         if console is not None:
             console.close()
-        pidfiles = list(vm_dir.glob("*.pid"))
-        if pidfiles and not any(_alive(self._instance(vm, p.stem).pid()) for p in pidfiles):
+        # A QEMU instance leaves its log until stopped here; QEMU itself removes its pidfile
+        # when it ends, as it does after a guest panic (-no-reboot), so logs tell, not pidfiles.
+        logs = [log for log in vm_dir.glob("*.log") if log.name != "console.log"]
+        if logs and not any(self._instance(vm, log.stem).alive() for log in logs):
             self._keep_remains(vm)
+        pidfiles = list(vm_dir.glob("*.pid"))
         for pidfile in pidfiles:
             self._stop_instance(vm, self._host(pidfile.stem))
         shutil.rmtree(vm_dir, ignore_errors=True)
