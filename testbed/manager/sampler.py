@@ -282,22 +282,22 @@ def _container_reader(host: Host) -> VmReader:
     return lambda: cgroup_vms(host)
 
 
-#: What `testbed manager lc --vm-cpu` accepts: the inventory's testbed_technique, or none.
-VM_CPU_SOURCES = ("kvm", "xen", "openvz", "container", "none")
+#: What `testbed manager lc --vm-cpu` accepts (the inventory's testbed_technique, or none), each
+#: with the maker of its reader for a PM.
+_READERS: dict[str, Callable[[Host], VmReader]] = {
+    "kvm": lambda host: _libvirt_reader(),
+    "xen": lambda host: _xen_reader(),
+    "openvz": lambda host: _openvz_reader(),
+    "container": _container_reader,
+    "none": lambda host: dict,
+}
 
 
 def vm_reader(technique: str, host: Host) -> VmReader:
     """The reader of `technique`'s VMs on this PM (where the LC runs), or one that sees none."""
-    if technique not in VM_CPU_SOURCES:
-        raise ValueError(f"no VM CPU source for {technique!r} (known: {', '.join(VM_CPU_SOURCES)})")
-    readers: dict[str, Callable[[], VmReader]] = {
-        "kvm": _libvirt_reader,
-        "xen": _xen_reader,
-        "openvz": _openvz_reader,
-        "container": lambda: _container_reader(host),
-        "none": lambda: dict,
-    }
-    return _answering(readers[technique]())
+    if technique not in _READERS:
+        raise ValueError(f"no VM CPU source for {technique!r} (known: {', '.join(_READERS)})")
+    return _answering(_READERS[technique](host))
 
 
 class ProcStatSampler:
