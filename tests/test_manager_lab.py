@@ -161,9 +161,17 @@ def test_a_killed_lc_is_left_out_and_the_cc_keeps_balancing(manager, tmp_path):
 
 
 def test_status_command_shows_every_lc_through_the_cc(manager):
+    """The CC reports what its last round saw, and one round on a loaded machine can miss an LC
+    (CI saw PM2 unreachable once): every LC must be reachable within three rounds."""
     lab, _ = manager
-    out = subprocess.run([sys.executable, "-m", "testbed.cli", "manager", "status", "-i", str(lab.inventory)],
-                         capture_output=True, text=True, check=True).stdout
-    status = json.loads(out)["cc"]
+    deadline = time.monotonic() + 3 * CcConfig().interval + 10
+    while True:
+        out = subprocess.run([sys.executable, "-m", "testbed.cli", "manager", "status", "-i", str(lab.inventory)],
+                             capture_output=True, text=True, check=True).stdout
+        status = json.loads(out)["cc"]
+        reachable = {h: s["reachable"] for h, s in status["lcs"].items()}
+        if all(reachable.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert status["reachable"] and status["paused"]
-    assert {h: s["reachable"] for h, s in status["lcs"].items()} == {pm.name: True for pm in lab.pms}
+    assert reachable == {pm.name: True for pm in lab.pms}
