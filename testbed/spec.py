@@ -22,7 +22,8 @@ from testbed.errors import InputError, describe_validation_error
 from testbed.runner import layouts
 
 Technique = Literal["qemu", "container", "xen", "openvz", "sim"]
-App = Literal["synthetic1", "synthetic-random", "kernel", "allocator", "idle"]
+#: The last four run in the Appendix A study (kind: migration) only.
+App = Literal["synthetic1", "synthetic-random", "kernel", "allocator", "idle", "http", "database"]
 Compression = Literal["none", "bzip2", "zstd", "zlib"]
 Mode = Literal["precopy", "stopcopy", "postcopy"]
 LayoutValue = str | list[int] | dict[str, int]  # a name from layouts.NAMED_LAYOUTS, counts, or PM per VM

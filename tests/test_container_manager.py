@@ -155,10 +155,16 @@ def test_containers_get_the_kernel_root_only_once_it_is_prepared(tmp_path: Path)
     assert driver.has_kernel_root()
 
 
-def test_exp3_runs_in_containers_only_with_memory_for_its_make_jobs() -> None:
+def test_exp3_runs_in_containers_only_with_memory_or_swap_for_its_make_jobs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     spec = load_spec(REPO / "experiments" / "exp3.yml")
+    monkeypatch.setattr(executor, "machine_swap_mb", lambda: 899)  # 9 containers need 100 MB each
     executor.supported(spec, ["qemu"])  # a QEMU kernel guest swaps to its disk
-    with pytest.raises(InputError, match=r"exp3: memory_mb: .* -j4 .* needs memory_mb >= 300 in a container"):
+    with pytest.raises(InputError, match=r"exp3: memory_mb: .* -j4 .* needs memory_mb >= 300 in a container, "
+                                         r"or 900 MB of swap .* has 899 MB"):
         executor.supported(spec, ["container"])
     executor.supported(spec.model_copy(update={"memory_mb": 300}), ["container"])
     executor.supported(spec.model_copy(update={"vcpus": 1}), ["container"])  # -j2 in 200 MB
+    monkeypatch.setattr(executor, "machine_swap_mb", lambda: 900)
+    executor.supported(spec, ["container"])
+

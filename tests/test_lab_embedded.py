@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from testbed.commands.lab import PLAYBOOKS, run_playbook
+from testbed.drivers.cgroups import join_then_exec
 from testbed.lab import BRIDGE, CGROUP_CONTROLLERS, CGROUP_PARENT, CGROUP_ROOT, DEFAULT_INVENTORY, Lab
 
 pytestmark = [
@@ -122,6 +123,28 @@ def test_status_reads_back_what_the_machine_has(embedded_lab: Lab) -> None:
         assert seen["reachable"] and seen["namespace"] and seen["address"] == host.address
         assert seen["cgroup_quota_cpus"] == pytest.approx(host.capacity)
         assert seen["tc_rate_bps"] == {"bridge_side": host.link_rate_bps, "host_side": host.link_rate_bps}
+
+
+def test_a_pm_memory_cgroup_swaps_beyond_its_limit(embedded_lab: Lab) -> None:
+    """The lab's swap file is on, so a process writing 64 MB in a 32 MB memory cgroup of a PM swaps
+    (as a container's compile must) instead of being OOM-killed."""
+    swaps = subprocess.run(["swapon", "--show=NAME,SIZE", "--bytes", "--noheadings", "--raw"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    swap_file = str(embedded_lab.state_dir / "swap")
+    page = os.sysconf("SC_PAGE_SIZE")  # the swap header's
+    assert swap_file in swaps and int(swaps[swaps.index(swap_file) + 1]) == 2048 * 2**20 - page
+    group = CGROUP_ROOT / "memory" / CGROUP_PARENT / embedded_lab.pms[0].name / "test-swap"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(32 * 2**20))
+        writer = "b = bytearray(64 * 2**20)\nfor i in range(0, len(b), 4096): b[i] = 1\nprint(sum(b[::4096]))"
+        proc = subprocess.run([*join_then_exec([group / "cgroup.procs"]), sys.executable, "-c", writer],
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 0 and proc.stdout.strip() == str(64 * 2**20 // 4096), proc.stderr
+        assert int((group / "memory.max_usage_in_bytes").read_text()) <= 32 * 2**20
+        assert int((group / "memory.failcnt").read_text()) > 0  # it did reach the limit
+    finally:
+        group.rmdir()
 
 
 @pytest.mark.parametrize(

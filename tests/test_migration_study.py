@@ -26,6 +26,7 @@ from testbed.drivers.base import MigrationMode, MigrationOrder
 from testbed.errors import InputError
 from testbed.lab import Lab, parse_rate, tc_rate_bps
 from testbed.results import MigrationRow, ResultsStore, read_table
+from testbed.runner import executor
 from testbed.runner.campaign import Run, RunResult, cells, run_campaign
 from testbed.runner.executor import APPS, chains
 from testbed.runner.migration_study import (
@@ -36,6 +37,7 @@ from testbed.runner.migration_study import (
     migration_timeout,
     supported,
 )
+from testbed.runner.services import SERVICES
 from testbed.spec import App, load_spec, parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +47,8 @@ TINY = {"name": "tiny-a", "kind": "migration", "techniques": ["container"], "app
         "repetitions": 1, "seed": 1}
 
 
-def test_appendix_a_sweeps_the_idle_vm_and_runs_the_apps_at_full_rate() -> None:
+def test_appendix_a_sweeps_the_idle_vm_and_runs_the_apps_at_full_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(executor, "machine_swap_mb", lambda: 2048)  # the embedded lab's swap
     spec = load_spec(APPENDIX_A)
     variants = spec.variants()
     assert {v.placement for v in variants} == {(1,)} and all(v.migration for v in variants)
@@ -54,14 +57,14 @@ def test_appendix_a_sweeps_the_idle_vm_and_runs_the_apps_at_full_rate() -> None:
     full = max(rates, key=parse_rate)
     assert len(rates) >= 4
     compressions = {"container": ("none", "bzip2", "zstd"), "qemu": ("none", "zstd")}  # QEMU has no bzip2
-    apps = {"container": {"allocator"}, "qemu": {"allocator", "kernel"}}  # -j4 in 256 MB: OOM without swap
+    apps = {"container": {"allocator", "kernel", "http", "database"}, "qemu": {"allocator", "kernel"}}
     for technique in ("container", "qemu"):
         mine = spec.variants(technique)
         idle = {(v.link_rate, v.compression) for v in mine if v.app == "idle"}
         assert idle == {(r, c) for r in rates for c in compressions[technique]}
         assert {(v.app, v.link_rate) for v in mine if v.app != "idle"} == {(a, full) for a in apps[technique]}
         supported(spec, [technique])
-    assert len(cells(spec)) * spec.repetitions == (3 * len(rates) + 3 + 2 * len(rates) + 4) * 5
+    assert len(cells(spec)) * spec.repetitions == (3 * len(rates) + 12 + 2 * len(rates) + 4) * 5
 
 
 def test_exclude_rules_may_name_a_technique() -> None:
@@ -103,7 +106,8 @@ def test_compression_each_technique_has_is_accepted() -> None:
 
 
 @pytest.mark.parametrize("app", typing.get_args(App))
-def test_study_runs_its_own_apps_and_the_programs_the_vms_have(app: str) -> None:
+def test_study_runs_its_own_apps_and_the_programs_the_vms_have(app: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(executor, "machine_swap_mb", lambda: 0)
     spec = parse_spec(TINY | {"app": app, "memory_mb": 256})
     if app not in (*OWN_APPS, *APPS):  # e.g. `kernel` before the kernel-compile workload existed
         with pytest.raises(InputError, match=rf"tiny-a: matrix.app: '{app}' has no program in the VMs yet"):
@@ -113,6 +117,12 @@ def test_study_runs_its_own_apps_and_the_programs_the_vms_have(app: str) -> None
         with pytest.raises(InputError, match="needs memory_mb >= 300 in a container"):
             supported(spec, ["container"])  # -j4 in 256 MB: OOM-killed without swap
         supported(spec.model_copy(update={"memory_mb": 300}), ["container"])
+        monkeypatch.setattr(executor, "machine_swap_mb", lambda: 44)  # what -j4 needs beyond 256 MB
+        supported(spec, ["container"])
+    elif app in SERVICES:
+        supported(spec, ["container"])
+        with pytest.raises(InputError, match=rf"matrix.app: '{app}' runs in containers only"):
+            supported(spec, ["qemu"])  # a busybox guest has no apache2 or postgres
     else:
         supported(spec, ["container", "qemu"])
 

@@ -13,13 +13,17 @@ measures instead of a balancing run is, in this order:
    back; the inventory's rate comes back when the run ends, whatever ended it;
 3. the app starts: `idle` runs nothing; `allocator` is workloads/memwriter.c (the thesis'
    Allocator) writing every byte of ALLOCATOR_SHARE of the VM's memory once, then holding it;
+   `http` and `database` are servers in the VM under a bounded load from the controller host
+   (testbed.runner.services: Apache2 + httperf, PostgreSQL + pgbench; containers only);
    any other app is the first step of the balancing experiments' program for it (chains());
 4. after warmup_s x scale, the VM migrates to the next PM in the technique's mode (the
    variant's, else QEMU pre-copy and containers stop-and-copy) with the variant's compression
    (QEMU: multifd zstd; containers: the dump through bzip2 or zstd), with a migration timeout
    long enough to send the VM's whole memory at the variant's rate;
 5. the VM must then run on the destination (a one-block Synthetic1 answers there) and its app
-   must have gone on (the allocator keeps reporting; any other program has not failed).
+   must have gone on (the allocator keeps reporting; a server answers its load's first round
+   after the migration; any other program has not failed). A server's load, round by round, goes
+   into the run's details under `load`.
 
 The record becomes the run's migrations.csv row; its phases (containers: suspend, dump, copy,
 undump, resume; QEMU: prepare, transfer, resume) and counters go into the run's details under
@@ -40,6 +44,7 @@ from testbed.drivers.base import Driver, MigrationMode, MigrationRecord, Workloa
 from testbed.errors import InputError
 from testbed.lab import LabHost, parse_rate, tc_rate_bps
 from testbed.results import MigrationRow
+from testbed.runner import services
 from testbed.runner.campaign import Run, RunResult
 from testbed.runner.executor import (
     APPS,
@@ -55,7 +60,7 @@ from testbed.runner.executor import (
 from testbed.spec import Spec
 
 #: Apps of the study besides the balancing experiments' programs (executor.APPS).
-OWN_APPS = ("idle", "allocator")
+OWN_APPS = ("idle", "allocator", *services.SERVICES)
 #: The allocator writes this share of the VM's memory (the thesis: 500 MB of a 545 MB VM; half
 #: leaves a QEMU guest's kernel and a container's init their room under the memory limit).
 ALLOCATOR_SHARE = 0.5
@@ -96,6 +101,9 @@ def supported(spec: Spec, techniques: Sequence[str]) -> None:
                                  f"{QEMU_GUEST_FOOTPRINT_MB / (1 - ALLOCATOR_SHARE):.0f}")
             if variant.app == "kernel":
                 kernel_fits(spec, [technique])
+            if variant.app in services.SERVICES and technique != "container":
+                raise InputError(f"{where}: matrix.app: {variant.app!r} runs in containers only (a {technique} "
+                                 "guest has no apache2 or postgres: exclude it for that technique)")
 
 
 class MigrationStudyExecutor(LabExecutor):
@@ -103,6 +111,7 @@ class MigrationStudyExecutor(LabExecutor):
 
     def __init__(self, *args: Any, sample_period_s: float = SAMPLE_PERIOD_S, **kwargs: Any) -> None:
         super().__init__(*args, sample_period_s=sample_period_s, **kwargs)
+        self._load: services.Load | None = None  # the run's server load, if its app is a service
 
     def _measure(self, driver: Driver, run: Run, details: dict[str, Any]) -> RunResult:
         rate = run.variant.link_rate
@@ -127,6 +136,9 @@ class MigrationStudyExecutor(LabExecutor):
                 details["continued"] = continued = self._continued(driver, vm, destination, app, record)
         except Exception as err:  # noqa: BLE001 - a VM or app that failed fails this run only
             details["error"] = f"{type(err).__name__}: {err}"
+        if self._load is not None:
+            ended = record.start + record.total_time_s if record is not None else None
+            details["load"], self._load = self._load.stop(after=ended), None
         finished_at = time.time()
         samples = sampler.stop()
         details["sampler_errors"] = sampler.errors[:20]
@@ -143,9 +155,16 @@ class MigrationStudyExecutor(LabExecutor):
     def _start_app(self, driver: Driver, run: Run, vm: str, timeout: float,
                    details: dict[str, Any]) -> list[WorkloadRun]:
         """Start the app and let it warm up (the allocator's warm-up starts once its memory is
-        written, so that the migration always moves it)."""
+        written, so that the migration always moves it; a server's once it answers the controller
+        and its load has started)."""
         self.log("app")
         warmup = run.spec.warmup_s * run.spec.scale
+        if (service := services.SERVICES.get(run.variant.app)) is not None:
+            server, self._load = services.start(service, driver, vm, self.lab,
+                                                deadline=time.time() + warmup + timeout + CONTINUE_TIMEOUT_S)
+            details["app"] = [{"argv": list(server.argv), "start": server.start}]
+            time.sleep(warmup)
+            return [server]
         app = [driver.start_workload(vm, list(argv)) for argv in app_argvs(run, vm, warmup + timeout)]
         for workload in app:
             if workload.argv[0] == "memwriter" and not wait_progress(
@@ -179,7 +198,7 @@ class MigrationStudyExecutor(LabExecutor):
             if workload.argv[0] == "memwriter" and len(wait_progress(
                     driver, workload, _reports("written"), after=end, count=2, timeout_s=CONTINUE_TIMEOUT_S)) < 2:
                 return False
-        return True
+        return self._load is None or self._load.answered_after(end, CONTINUE_TIMEOUT_S)
 
     def _check_links(self, rate: str | None) -> dict[str, Any]:
         """Every PM's link, both ends, at its inventory rate (as tc keeps it: whole bytes per s).
