@@ -246,13 +246,21 @@ def technique_comparison(c: Campaign, app: str, out_dir: Path) -> FigureInfo:
 
 def migration_vs_link_rate(c: Campaign, out_dir: Path) -> FigureInfo:
     """Figs. A.1/A.2: total migration time and downtime versus link rate, one line per technique,
-    migration mode, app and compression (mean ± std over the runs of each point)."""
+    migration mode, app and compression (mean ± std over the runs of each point). Only what was
+    swept over several rates is drawn (App. A: the idle VM); an app run at one rate is a point
+    of the phase figure (Table A.1), and a dozen lone points here would only crowd the lines."""
     moves = c.ok(c.migrations)
     moves = moves[(moves["link_rate"] != "") & (moves["status"] == "completed")].copy()
     moves["rate_mbit"] = [parse_rate(r) / 1e6 for r in moves["link_rate"]]
+    keys = ["technique", "mode", "app", "compression"]
+    swept = moves.groupby(keys)["rate_mbit"].transform("nunique") > 1
+    note = None
+    if swept.any() and not swept.all():
+        left = sorted(set(moves.loc[~swept, "app"]))
+        moves, note = moves[swept], f"apps run at one rate only ({', '.join(left)}): in the phase figure"
     fig = Figure(figsize=(10, 4), layout="constrained")
     axes = fig.subplots(1, 2)
-    for (technique, mode, app, compression), line in moves.groupby(["technique", "mode", "app", "compression"]):
+    for (technique, mode, app, compression), line in moves.groupby(keys):
         stats = line.groupby("rate_mbit").agg(total=("total_time_s", "mean"), total_std=("total_time_s", "std"),
                                               down=("downtime_s", "mean"), down_std=("downtime_s", "std"))
         name = f"{technique} {mode}, {app}, {compression}"
@@ -266,9 +274,10 @@ def migration_vs_link_rate(c: Campaign, out_dir: Path) -> FigureInfo:
         ax.set_ylabel(what)
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside right upper", fontsize=8)
     return _save(c, fig, out_dir, "migration_vs_link_rate", "migration_vs_link_rate",
-                 "Migration time and downtime vs link rate", moves["run_id"].tolist())
+                 "Migration time and downtime vs link rate", moves["run_id"].tolist(), note)
 
 
 def timeline_runs(c: Campaign) -> list[str]:
