@@ -14,7 +14,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from testbed.balancer import Decision, Migration, Snapshot, get_policy
-from testbed.balancer.assign_u import DEFAULT_BASE, AssignU, candidate_hosts, threshold_points
+from testbed.balancer.assign_u import DEFAULT_BASE, IDLE_PCT, AssignU, candidate_hosts, threshold_points
 from testbed.balancer.io import snapshot_from_json
 from testbed.balancer.stddev import MIN_VARIANCE_GAIN, StdDev
 from testbed.balancer.workload_balance import WorkloadBalance
@@ -67,14 +67,17 @@ def pct(snap: Snapshot) -> dict[str, float]:
 
 
 def pairs(snap: Snapshot, base: float):
-    """(vm, i, j, D, H) for every VM v on i and every eligible j != i, in the thesis' own
-    linear-space form: D = a^(h_i+p_i) - a^h_i, H = a^(L_j+p_j) - a^L_j."""
+    """(vm, i, j, D, H) for every busy VM v on i (using at least IDLE_PCT of it: idle VMs never
+    move) and every eligible j != i, in the thesis' own linear-space form:
+    D = a^(h_i+p_i) - a^h_i, H = a^(L_j+p_j) - a^L_j."""
     load = pct(snap)
     cap = dict(zip(snap.host_names.tolist(), snap.capacity.tolist()))
     receivers = [h for h, ok in zip(snap.host_names.tolist(), snap.eligible.tolist()) if ok]
     for v, k, cpu in zip(snap.vm_names.tolist(), snap.vm_host.tolist(), snap.vm_cpu.tolist()):
         i = str(snap.host_names[k])
         p_i = 100 * cpu / cap[i]
+        if p_i < IDLE_PCT:
+            continue
         h_i = load[i] - p_i
         for j in receivers:
             if j != i:
@@ -166,15 +169,27 @@ def test_triple_loop_of_the_thesis_agrees_on_balanced(doc):
 
 @pytest.mark.parametrize("base", [1.02, DEFAULT_BASE, 1.5, 2.0])
 @pytest.mark.parametrize("side", [-1, 1])
-@pytest.mark.parametrize("size", [0.5, 5.0, 40.0])
+@pytest.mark.parametrize("size", [IDLE_PCT, 5.0, 40.0])
 def test_rule_reduces_to_a_load_gap_threshold(base, side, size):
-    """Equal capacities: v moves iff h_i(v) - L_j > log_a 2, whatever the VM's size."""
+    """Equal capacities: a busy v moves iff h_i(v) - L_j > log_a 2, whatever its size."""
     gap = threshold_points(base) + side * 0.01
     # measured loads: pm1 carries 30 + gap besides vm; pm2 carries 30 and no VM.
     snap = Snapshot.create(
         {"pm1": 100, "pm2": 100}, [("vm", "pm1", size)], {"pm1": 30 + gap + size, "pm2": 30}
     )
     assert AssignU(base)(snap).balanced == (side < 0)
+
+
+@pytest.mark.parametrize("cpu", [0.0, 0.24, 0.59])  # 0, 0.4 and 0.98 % of a 60-capacity PM
+def test_an_idle_vm_never_moves(cpu):
+    """Thesis §4.5: vm1 busy on pm1 (about 20 points above the idle pm3) beside an idle vm3. As
+    p -> 0 the rule's sides shrink together, so only the idle floor keeps vm3 where it is."""
+    hosts = {"pm1": 60, "pm2": 60, "pm3": 60}
+    snap = Snapshot.create(hosts, [("vm1", "pm1", 12.0), ("vm3", "pm1", cpu)], {"pm1": 13.0, "pm2": 12.5, "pm3": 0.2})
+    assert AssignU()(snap).balanced
+    assert AssignU(idle_pct=0.0)(snap).migration == (Migration("vm3", "pm1", "pm3") if cpu > 0 else None)
+    with pytest.raises(ValueError, match="idle_pct"):
+        AssignU(idle_pct=-1.0)
 
 
 def test_default_base_means_a_ten_point_gap():
@@ -323,7 +338,7 @@ def test_many_capacity_classes_use_few_candidate_hosts():
     vms = [(f"vm{k:05d}", names[int(rng.integers(0, 2000))], float(rng.uniform(0, 20))) for k in range(20000)]
     snap = Snapshot.create(hosts, vms)
     assert candidate_hosts(snap).size < 60
-    policy = AssignU()
+    policy = AssignU(idle_pct=0.0)  # the pure rule: this checks its shortcut, not the idle floor
     violating, log_gain, log_best = policy.out_of_equilibrium(snap)
     assert violating.any()
     sample = np.concatenate((rng.choice(snap.n_vms, size=40, replace=False), np.flatnonzero(violating)[:40]))

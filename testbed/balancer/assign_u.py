@@ -51,6 +51,13 @@ DEFAULT_BASE = 2.0 ** (1.0 / 10.0)
 """a = 2^(1/10) ~= 1.0718: a VM moves when its host, without it, is more than log_a 2 = 10
 percentage points above the destination (equal capacities). Why 10: docs/balancer.md."""
 
+IDLE_PCT = 1.0
+"""A VM using less than this share of its host (percent) is idle and never moves. As p -> 0 the
+rule's two sides shrink together (D_v / H_j -> a^(L_i - L_j)), so without a floor an idle VM on a
+host 10 points above another is out of equilibrium and moves, carrying no load. The thesis' LCs
+read idle VMs as 0 % and its manager left them alone (§4.5); an idle TCG guest here uses ~0.4 %
+of a PM, which the floor treats as the idle it is."""
+
 LN2 = math.log(2.0)
 _CHUNK_ELEMENTS = 1 << 21  # (VMs x candidate hosts) evaluated at once: ~16 MiB of float64
 
@@ -71,10 +78,13 @@ class AssignU:
     """The policy `assign-u`: a callable Snapshot -> Decision with its base `a`."""
 
     base: float = DEFAULT_BASE
+    idle_pct: float = IDLE_PCT
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.base) and self.base > 1.0):
             raise ValueError(f"base must be a finite number greater than 1, got {self.base}")
+        if not (math.isfinite(self.idle_pct) and self.idle_pct >= 0.0):
+            raise ValueError(f"idle_pct must be a finite number >= 0, got {self.idle_pct}")
 
     @property
     def lam(self) -> float:
@@ -106,10 +116,11 @@ class AssignU:
         return best
 
     def out_of_equilibrium(self, snap: Snapshot) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(violating mask, log D, min log H) over all VMs."""
+        """(violating mask, log D, min log H) over all VMs; an idle VM never violates."""
         log_gain = self.log_removal_gain(snap)
         log_best = self.min_log_cost(snap)
-        return log_gain > LN2 + log_best, log_gain, log_best
+        busy = snap.vm_cpu * snap.scale[snap.vm_host] >= self.idle_pct
+        return busy & (log_gain > LN2 + log_best), log_gain, log_best
 
     def destination(self, snap: Snapshot, vm: int) -> int:
         """The least-marginal-cost eligible host other than the VM's own (lowest name on ties)."""

@@ -26,7 +26,7 @@ from functools import partial
 import numpy as np
 
 from testbed.balancer import POLICIES, Snapshot, get_policy
-from testbed.balancer.assign_u import DEFAULT_BASE
+from testbed.balancer.assign_u import DEFAULT_BASE, IDLE_PCT
 from testbed.errors import InputError
 
 CAPACITY_CLASSES = (50.0, 100.0, 200.0)
@@ -36,7 +36,8 @@ RATIO_MAX_HOSTS = 200
 def triple_loop(snap: Snapshot, base: float = DEFAULT_BASE) -> tuple[str, str, str] | None:
     """The thesis' pseudo-code, literally: for each PM i, each VM v on i, each PM j != i, test the
     equilibrium inequality; at the first violation migrate v to the least-marginal-cost PM and
-    stop. Plain Python floats, linear space (so it overflows for large loads: a reference only)."""
+    stop. Idle VMs (below assign_u.IDLE_PCT of their PM) are skipped, as AssignU skips them.
+    Plain Python floats, linear space (so it overflows for large loads: a reference only)."""
     hosts = snap.host_names.tolist()
     cap = dict(zip(hosts, snap.capacity.tolist()))
     load = {h: 100.0 * x / cap[h] for h, x in zip(hosts, snap.host_load.tolist())}
@@ -52,6 +53,8 @@ def triple_loop(snap: Snapshot, base: float = DEFAULT_BASE) -> tuple[str, str, s
     for i in hosts:
         for v, cpu in vms_of[i]:
             p_i = 100.0 * cpu / cap[i]
+            if p_i < IDLE_PCT:
+                continue
             h_i = load[i] - p_i
             for j in receivers:
                 if j != i and base ** (h_i + p_i) - base**h_i > 2.0 * cost(j, cpu):
