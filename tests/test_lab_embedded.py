@@ -126,16 +126,20 @@ def test_status_reads_back_what_the_machine_has(embedded_lab: Lab) -> None:
 
 
 def test_a_pm_memory_cgroup_swaps_beyond_its_limit(embedded_lab: Lab) -> None:
-    """The lab's swap file is on, so a process writing 64 MB in a 32 MB memory cgroup of a PM swaps
-    (as a container's compile must) instead of being OOM-killed."""
-    swaps = subprocess.run(["swapon", "--show=NAME,SIZE", "--bytes", "--noheadings", "--raw"],
-                           capture_output=True, text=True, check=True).stdout.split()
-    swap_file = str(embedded_lab.state_dir / "swap")
-    page = os.sysconf("SC_PAGE_SIZE")  # the swap header's
-    assert swap_file in swaps and int(swaps[swaps.index(swap_file) + 1]) == 2048 * 2**20 - page
+    """With lab_host_swap_mb set (swap is opt-in: roles/lab_host/defaults), the role's swap file is
+    on, and a process writing 64 MB in a 32 MB memory cgroup of a PM swaps (as a container's
+    compile must) instead of being OOM-killed. The swap goes again at the end of the test."""
+    swap_file = embedded_lab.state_dir / "swap"
+    play = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(DEFAULT_INVENTORY), str(PLAYBOOKS / "lab_hosts.yml"),
+                           "-e", "lab_host_swap_mb=64"], capture_output=True, text=True, timeout=600, check=False)
     group = CGROUP_ROOT / "memory" / CGROUP_PARENT / embedded_lab.pms[0].name / "test-swap"
-    group.mkdir()
     try:
+        assert play.returncode == 0, play.stdout[-2000:]
+        swaps = subprocess.run(["swapon", "--show=NAME,SIZE", "--bytes", "--noheadings", "--raw"],
+                               capture_output=True, text=True, check=True).stdout.split()
+        page = os.sysconf("SC_PAGE_SIZE")  # the swap header's
+        assert str(swap_file) in swaps and int(swaps[swaps.index(str(swap_file)) + 1]) == 64 * 2**20 - page
+        group.mkdir()
         (group / "memory.limit_in_bytes").write_text(str(32 * 2**20))
         writer = "b = bytearray(64 * 2**20)\nfor i in range(0, len(b), 4096): b[i] = 1\nprint(sum(b[::4096]))"
         proc = subprocess.run([*join_then_exec([group / "cgroup.procs"]), sys.executable, "-c", writer],
@@ -144,7 +148,10 @@ def test_a_pm_memory_cgroup_swaps_beyond_its_limit(embedded_lab: Lab) -> None:
         assert int((group / "memory.max_usage_in_bytes").read_text()) <= 32 * 2**20
         assert int((group / "memory.failcnt").read_text()) > 0  # it did reach the limit
     finally:
-        group.rmdir()
+        if group.exists():
+            group.rmdir()
+        subprocess.run(["swapoff", str(swap_file)], capture_output=True, check=False)
+        swap_file.unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize(

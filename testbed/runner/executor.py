@@ -66,7 +66,7 @@ KERNEL_PROGRAM = ("chroot", "/mnt", "/usr/local/bin/kernel")  # the root is at /
 #: disk is a qcow2 overlay of the one in its owner's share, so the compile writes to the VM's disk.
 KERNEL_ROOT = "images/kernel-root.qcow2"
 #: MB a container needs per `make` job of the Kernel app: a QEMU kernel guest swaps to its disk,
-#: a container swaps only if its PM has swap (the embedded lab's PMs get lab_host_swap_mb), else
+#: a container swaps only if its PM has swap (the embedded lab's, with lab_host_swap_mb set), else
 #: its compile must fit in its limit. Measured (12 objects, cgroup v1 limit, no swap): -j2 ran in
 #: 160 MB, -j4 was OOM-killed in 200 and 256 MB and ran in 300 MB (peak 251 MB).
 CONTAINER_KERNEL_MB_PER_JOB = 75
@@ -137,8 +137,8 @@ def kernel_fits(spec: Spec, techniques: Sequence[str]) -> None:
     if swap < swap_need:
         raise InputError(f"{spec.name}: memory_mb: the kernel app compiles with -j{jobs} ({KERNEL_JOBS_PER_VCPU} "
                          f"jobs per vCPU), which needs memory_mb >= {need} in a container, or {swap_need} MB of "
-                         f"swap on the PMs for {spec.vms} containers (this machine has {swap} MB: `testbed lab up` "
-                         "gives the embedded lab lab_host_swap_mb); raise memory_mb, lower vcpus or use "
+                         f"swap on the PMs for {spec.vms} containers (this machine has {swap} MB: set lab_host_swap_mb "
+                         "in the inventory, then `testbed lab up`); raise memory_mb, lower vcpus or use "
                          "--technique qemu")
 
 
