@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,16 @@ from campaign_helpers import FakeExecutor, small_spec
 
 from testbed.errors import InputError
 from testbed.results import ResultsStore
-from testbed.runner.campaign import Run, cells, needs_more_reps, pending_runs, run_campaign
+from testbed.runner.campaign import (
+    CampaignFailed,
+    Run,
+    RunResult,
+    cells,
+    needs_more_reps,
+    pending_runs,
+    run_campaign,
+    shortfall,
+)
 
 
 def plan(spec, **kwargs):
@@ -99,6 +109,50 @@ def test_invalid_runs_are_kept_and_replaced(tmp_path):
         assert store.statuses["qemu.synthetic1.unbalanced.mig.r4"] == "ok"
         assert "qemu.synthetic1.unbalanced.nomig.r4" not in store.statuses
         assert len(store.statuses) == 2 * 3 * 3 + 1
+
+
+@dataclass
+class FailingFrom(FakeExecutor):
+    """Every run from the `first`-th on fails, as a lab that cannot start VMs fails them."""
+
+    first: int = 0
+
+    def execute(self, run: Run) -> RunResult:
+        if len(self.executed) < self.first:
+            return super().execute(run)
+        self.executed.append(run.run_id)
+        return RunResult("failed", 0.0, 1.0, details={"error": "StateError: QMPClient is disconnecting"})
+
+
+def test_a_campaign_stops_after_runs_in_a_row_fail_and_keeps_them(tmp_path):
+    spec = small_spec()
+    with ResultsStore(tmp_path) as store:
+        with pytest.raises(CampaignFailed, match=r"stopped after 3 runs in a row .* QMPClient is disconnecting"
+                                                 r" \(details: .*/runs/.*\.json\)") as stopped:
+            run_campaign(spec, store, FailingFrom(first=4))
+        assert list(store.statuses.values()) == ["ok"] * 4 + ["failed"] * 3  # recorded, then stopped
+        assert str(tmp_path) in str(stopped.value)
+        assert store.manifest()["stopped"]
+    with ResultsStore(tmp_path / "one") as store, pytest.raises(CampaignFailed, match="after 1 runs"):
+        run_campaign(spec, store, FailingFrom(), max_failures=1)
+
+
+def test_a_failure_between_ok_runs_does_not_stop_the_campaign(tmp_path):
+    spec = small_spec()
+    bad = {r.run_id for r in plan(spec)[::2]}  # every other run fails: never 3 in a row
+    with ResultsStore(tmp_path) as store:
+        run_campaign(spec, store, FakeExecutor(bad=bad))
+        assert shortfall(spec, cells(spec), store.statuses) == {}
+
+
+def test_shortfall_names_the_cells_without_enough_ok_runs():
+    spec = small_spec(repetitions=2)
+    chosen = cells(spec)
+    statuses = {r.run_id: "ok" for r in plan(spec)}
+    assert shortfall(spec, chosen, statuses) == {}
+    statuses["qemu.synthetic1.balanced.nomig.r2"] = "failed"
+    statuses["qemu.synthetic1.balanced.nomig.r3"] = "invalid"
+    assert shortfall(spec, chosen, statuses) == {"qemu.synthetic1.balanced.nomig": 1}
 
 
 def test_a_different_spec_is_refused(tmp_path):

@@ -51,6 +51,11 @@ def test_run_refuses_an_app_the_lab_executor_cannot_run(capsys: pytest.CaptureFi
     assert "kernel" in capsys.readouterr().err
 
 
+def test_run_refuses_max_failures_below_one(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(EXP1), "--technique", "qemu", "--max-failures", "0"]) == 2
+    assert "--max-failures: must be >= 1" in capsys.readouterr().err
+
+
 def test_run_refuses_results_of_another_spec(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "manifest.json").write_text('{"experiment": "exp2", "spec_fingerprint": "0"}')
     assert main(["run", str(EXP1), "--technique", "qemu", "--results", str(tmp_path)]) == 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Self
 
 from testbed.errors import InputError
 from testbed.lab import DEFAULT_INVENTORY
+from testbed.runner.campaign import DEFAULT_MAX_CONSECUTIVE_FAILURES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ci-width", type=float, default=None, metavar="P",
                         help="add repetitions until every VM's 95%% CI is within ±P %% of its mean")
     parser.add_argument("--max-reps", type=int, default=None, help="cap on repetitions per variant")
+    parser.add_argument("--max-failures", type=int, default=DEFAULT_MAX_CONSECUTIVE_FAILURES, metavar="N",
+                        help="stop the campaign after N runs in a row that were not ok (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=None, metavar="S",
                         help="seconds a run's workloads may take (default: from the spec's scale); "
                         "kind migration: seconds the migration may take (default: from memory and link rate)")
@@ -62,6 +66,8 @@ def _checked(args: argparse.Namespace):
             raise InputError(f"{flag}: must be > 0, not {value:g}")
     if args.ci_width is not None and spec.kind == "migration":
         raise InputError("--ci-width: it widens on execution times, which a migration study does not measure")
+    if args.max_failures < 1:
+        raise InputError(f"--max-failures: must be >= 1, not {args.max_failures}")
     if args.max_reps is not None and args.max_reps < spec.repetitions:
         raise InputError(f"--max-reps: {args.max_reps} is below the {spec.repetitions} repetitions asked")
     lab = load_lab(args.inventory)
@@ -98,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
     from testbed import provisioning
     from testbed.results import ResultsStore
-    from testbed.runner.campaign import controller_provenance, run_campaign
+    from testbed.runner.campaign import CampaignFailed, cells, controller_provenance, run_campaign, shortfall
     from testbed.runner.executor import LabExecutor, cc_client, lab_facts, make_drivers
     from testbed.runner.lock import campaign_lock
     from testbed.runner.migration_study import MigrationStudyExecutor
@@ -120,16 +126,28 @@ def run(args: argparse.Namespace) -> int:
         kind = MigrationStudyExecutor if spec.kind == "migration" else LabExecutor  # App. A: one move per run
         executor = kind(lab, make_drivers(lab), cc, timeout_s=args.timeout, log=display.phase)
         began = time.monotonic()
+        failure: CampaignFailed | None = None
         try:
             executed = run_campaign(spec, store, executor, techniques=techniques, ci_width=args.ci_width,
-                                    max_reps=args.max_reps, provenance=provenance, on_progress=display.update)
+                                    max_reps=args.max_reps, provenance=provenance, on_progress=display.update,
+                                    max_failures=args.max_failures)
+        except CampaignFailed as err:
+            failure = err
         finally:
             display.phase("cleaning up")
             executor.close()
-        statuses = Counter(store.statuses.values())
+        statuses = store.statuses
+    if failure is not None:
+        print(f"testbed run: {failure}", file=sys.stderr)
+        return 1
     minutes = (time.monotonic() - began) / 60
-    summary = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(Counter(statuses.values()).items()))
     print(f"{spec.name}: {executed} runs executed in {minutes:.1f} min; recorded: {summary}; results in {results}")
+    if short := shortfall(spec, cells(spec, techniques), statuses):
+        cells_short = ", ".join(f"{key} ({ok} of {spec.repetitions})" for key, ok in sorted(short.items()))
+        print(f"testbed run: {spec.name}: fewer ok runs than planned in {cells_short}; the failed runs' "
+              f"details are in {results / 'runs'}", file=sys.stderr)
+        return 1
     print(f"figures and report: testbed plot {results} && testbed report {results}")
     return 0
 

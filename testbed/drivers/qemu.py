@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import selectors
@@ -32,6 +33,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from qemu.qmp import ConnectError, EventListener, QMPClient
 
@@ -45,7 +47,7 @@ from testbed.drivers.base import (
     VMSpec,
     WorkloadRun,
 )
-from testbed.drivers.qemu_snapshot import BootSnapshots
+from testbed.drivers.qemu_snapshot import BootSnapshots, pass_fd
 
 STATE_DIR = Path("/var/lib/testbed/vms")
 IMAGE_DIR = Path("/var/lib/testbed/images/qemu")
@@ -60,6 +62,7 @@ _WORD = re.compile(r"^[A-Za-z0-9._/=:,+-]+$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,40}$")
 
 
+_log = logging.getLogger(__name__)
 REAP_PERIOD_S = 2.0
 CRASHED_KEPT = 50  # crashed VMs whose logs are kept
 RESTORE_TIMEOUT_S = 30.0  # a guest started from its boot snapshot answers in ~1 s (2 cores, busy)
@@ -391,7 +394,7 @@ class QemuDriver:
         instance = self._instance(spec.name, host)
         snapshot = self.boot_snapshots.path_for(spec.memory_mb, spec.vcpus, spec.disk) if self.boot_snapshots else None
         try:
-            if not (snapshot is not None and snapshot.exists() and self._restored(spec, pm, instance, snapshot)):
+            if not (snapshot is not None and self._restored(spec, pm, instance, snapshot)):
                 self._boot(spec, pm, instance, save_to=snapshot)
             cgroups.set_quota(pm.cgroup("cpu") / spec.name, spec.vcpus / pm.cores * pm.capacity)
         except BaseException:
@@ -411,39 +414,54 @@ class QemuDriver:
             asyncio.run(self._save_snapshot(instance, save_to))
 
     async def _save_snapshot(self, instance: _Instance, dest: Path) -> None:
+        """Save the fresh boot; a snapshot is only a cache, so a failed save costs later VMs a
+        boot, never this VM, which runs on."""
         assert self.boot_snapshots is not None
-        async with _qmp(instance.qmp) as qmp:
-            await self.boot_snapshots.save(qmp, dest)
+        try:
+            async with _qmp(instance.qmp) as qmp:
+                await self.boot_snapshots.save(qmp, dest)
+        except Exception as err:  # noqa: BLE001 - any failure: later VMs boot
+            _log.warning("saving boot snapshot %s failed (%s: %s); later VMs boot", dest.name,
+                         type(err).__name__, err)
 
     def _restored(self, spec: VMSpec, pm: Host, instance: _Instance, snapshot: Path) -> bool:
-        """Start the VM from its boot snapshot; False (and nothing left running) if it did not
-        come up answering its console, so that the caller boots it instead. A restored guest
-        answers within a second or two; one of dozens here once never did."""
-        try:
-            self._restore(spec, pm, instance, snapshot)
-            return True
-        except (QemuError, TimeoutError):
-            console = self._consoles.pop(spec.name, None)
-            if console is not None:
-                console.close()
-            self._stop_instance(spec.name, pm)
+        """Start the VM from its boot snapshot; False (and nothing left running) if there is no
+        sound snapshot or the VM did not come up answering its console, so that the caller boots
+        it instead. Whatever went wrong, the snapshot is discarded: a bad one must not fail every
+        later VM (issue #13); a good one costs one boot to save again."""
+        assert self.boot_snapshots is not None
+        stream = self.boot_snapshots.open_verified(snapshot)
+        if stream is None:
             return False
+        with stream:
+            try:
+                self._restore(spec, pm, instance, stream)
+                return True
+            except Exception as err:  # noqa: BLE001 - any failure: discard the snapshot and boot
+                _log.warning("VM %s: restoring %s failed (%s: %s); discarding it and booting",
+                             spec.name, snapshot.name, type(err).__name__, err)
+                console = self._consoles.pop(spec.name, None)
+                if console is not None:
+                    console.close()
+                self._stop_instance(spec.name, pm)
+                self.boot_snapshots.discard(snapshot, os.fstat(stream.fileno()).st_ino)
+                return False
 
-    def _restore(self, spec: VMSpec, pm: Host, instance: _Instance, snapshot: Path) -> None:
-        """Start the VM from its boot snapshot (testbed.drivers.qemu_snapshot), then check that
-        its console answers as after a boot."""
+    def _restore(self, spec: VMSpec, pm: Host, instance: _Instance, stream: BinaryIO) -> None:
+        """Start the VM from its boot snapshot, read by QEMU from `stream` (checked already;
+        testbed.drivers.qemu_snapshot), then check that its console answers as after a boot."""
         self._launch(spec, pm, instance, incoming=True)
 
         async def restore() -> None:
             async with _qmp(instance.qmp) as qmp:
-                await qmp.execute("migrate-incoming", {"uri": f"exec:cat {snapshot}"})
+                await qmp.execute("migrate-incoming", {"uri": await pass_fd(qmp, stream.fileno())})
                 while (status := (await qmp.execute("query-status"))["status"]) == "inmigrate":
                     await asyncio.sleep(0.02)
                 if status == "paused":  # saved stopped (a consistent state): run it
                     await qmp.execute("cont")
                     status = (await qmp.execute("query-status"))["status"]
                 if status != "running":
-                    raise QemuError(f"VM {spec.name}: restored from {snapshot.name} but {status}")
+                    raise QemuError(f"VM {spec.name}: restored from its boot snapshot but {status}")
             await self._confine_vcpus(spec, pm, instance)
 
         asyncio.run(asyncio.wait_for(restore(), timeout=RESTORE_TIMEOUT_S))

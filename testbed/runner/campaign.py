@@ -9,7 +9,9 @@ the cell that ended the previous one, so no cell runs twice in a row.
 Run ids (`qemu.synthetic1.unbalanced.mig.r3`) depend only on the technique, the
 variant's axes and the repetition, so rerunning the same command finds the recorded runs and
 skips them. A run that ends `invalid` or `failed` stays recorded (the figures ignore it) and the
-cell gets one more repetition in its place, up to `max_reps` runs per cell. With `ci_width`,
+cell gets one more repetition in its place, up to `max_reps` runs per cell; after
+`max_failures` runs in a row that were not ok, the campaign stops (a lab that cannot run
+anything would otherwise record failure after failure). With `ci_width`,
 cells keep getting repetitions until every VM's 95 % confidence interval of its mean execution
 time is within +-ci_width % (or the cap is reached).
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -34,6 +37,12 @@ K = TypeVar("K")
 
 #: Without --max-reps, a cell gets at most this many times the spec's repetitions.
 DEFAULT_CAP_FACTOR = 3
+#: A campaign stops after this many runs in a row that were not ok (--max-failures).
+DEFAULT_MAX_CONSECUTIVE_FAILURES = 3
+
+
+class CampaignFailed(Exception):
+    """The campaign stopped because its runs kept failing (the runs are recorded)."""
 
 
 @dataclass(frozen=True)
@@ -243,11 +252,14 @@ def open_campaign(spec: Spec, store: ResultsStore, provenance: Mapping[str, Any]
 def run_campaign(spec: Spec, store: ResultsStore, executor: RunExecutor, *,
                  techniques: Sequence[str] | None = None, ci_width: float | None = None,
                  max_reps: int | None = None, provenance: Mapping[str, Any] | None = None,
-                 on_progress: Callable[[Progress], None] | None = None) -> int:
-    """Execute every pending run and record it; returns the number of runs executed now."""
+                 on_progress: Callable[[Progress], None] | None = None,
+                 max_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES) -> int:
+    """Execute every pending run and record it; returns the number of runs executed now. Raises
+    CampaignFailed, the runs recorded, after `max_failures` runs in a row that were not ok."""
     open_campaign(spec, store, provenance)
     chosen = cells(spec, techniques)
     durations: list[float] = []
+    failed_in_a_row = 0
     while pending := pending_runs(spec, chosen, store.statuses, store.exec_times, ci_width, max_reps):
         run = pending[0]
         if on_progress:
@@ -263,5 +275,18 @@ def run_campaign(spec: Spec, store: ResultsStore, executor: RunExecutor, *,
             {"run_id": run.run_id, "variant": run.variant.as_dict(), **result.details},
         )
         durations.append(time.monotonic() - began)
+        failed_in_a_row = 0 if result.status == "ok" else failed_in_a_row + 1
+        if failed_in_a_row >= max_failures:
+            store.update_manifest(finished_at=iso(time.time()), stopped=f"{failed_in_a_row} runs in a row not ok")
+            raise CampaignFailed(
+                f"{spec.name}: stopped after {failed_in_a_row} runs in a row that were not ok; the last, "
+                f"{run.run_id}, was {result.status}: {result.details.get('error', 'no error recorded')} "
+                f"(details: {store.dir / 'runs' / (run.run_id + '.json')})")
     store.update_manifest(finished_at=iso(time.time()))
     return len(durations)
+
+
+def shortfall(spec: Spec, chosen: Sequence[Cell], statuses: Mapping[str, str]) -> dict[str, int]:
+    """Cells that ended with fewer ok runs than the spec's repetitions: cell key -> ok runs."""
+    ok = Counter(run_id.rsplit(".r", 1)[0] for run_id, status in statuses.items() if status == "ok")
+    return {c.key: ok[c.key] for c in chosen if ok[c.key] < spec.repetitions}

@@ -17,10 +17,13 @@
 #   CACHE_DIR        the root's directory tree, kept between builds (default
 #                    /var/cache/testbed/kernel-root)
 #
-# Cached in three steps, each redone only when what it depends on changed: the debootstrap
-# (marker .testbed-root: the package list), the prepared source tree (marker
-# usr/src/linux/.testbed-prepared: the configuration and object-list rule) and the disk image
-# (OUTPUT_DIR/kernel-root.sha256: fingerprint of this script, the workload and both markers).
+# Cached in three steps, each redone only when what it depends on changed or what it made is
+# damaged: the debootstrap (marker .testbed-root: the package list; redone when the root's
+# toolchain does not run), the prepared source tree (marker usr/src/linux/.testbed-prepared: the
+# configuration and object-list rule; redone when a listed object's source is missing) and the
+# disk image (OUTPUT_DIR/kernel-root.sha256: fingerprint of this script, the workload and both
+# markers, then the image's own digest; redone when the image no longer matches it). Each step
+# builds under a temporary name and renames, its marker last.
 # The last line of stdout is "changed" or "unchanged" (for Ansible's changed_when).
 set -euo pipefail
 script=$1 out=$2 root=${3:-/var/cache/testbed/kernel-root}
@@ -39,7 +42,8 @@ in_root() {
 }
 
 # 1. The Debian root, from the mirror apt already uses (as scripts/debian-test-root.sh).
-if [[ ! -f $root/.testbed-root || $(cat "$root/.testbed-root") != "$packages" ]]; then
+if [[ ! -f $root/.testbed-root || $(cat "$root/.testbed-root") != "$packages" ]] \
+   || ! in_root sh -c 'gcc --version && make --version && bc --version' >/dev/null 2>&1; then
     mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null \
              | grep -oE '^(URIs:|deb) +https?://[^ ]+/debian/?( |$)' | grep -oE 'https?://[^ ]+' | head -n1 || true)
     [[ -n $mirror ]] || { echo "build-kernel-root: no Debian mirror in apt's sources" >&2; exit 1; }
@@ -57,7 +61,8 @@ fi
 # then removed so that the guest compiles them.
 tree=$root/usr/src/linux
 rule="$config $objects_dir/**.o from .c"
-if [[ ! -f $tree/.testbed-prepared || $(cat "$tree/.testbed-prepared") != "$rule" ]]; then
+if [[ ! -f $tree/.testbed-prepared || $(cat "$tree/.testbed-prepared") != "$rule" ]] \
+   || ! (cd "$tree" && [[ -s testbed-objects.list ]] && sed 's/\.o$/.c/' testbed-objects.list | xargs ls >/dev/null 2>&1); then
     rm -rf "$tree"
     tarball=$(find "$root/usr/src" -maxdepth 1 -name 'linux-source-*.tar.xz' | head -n1)
     [[ -n $tarball ]] || { echo "build-kernel-root: no linux-source tarball in $root/usr/src" >&2; exit 1; }
@@ -87,7 +92,8 @@ fi
 # 3. The disk image: an ext4 file system of the root (mkfs.ext4 -d keeps the files' times, so
 # make in the guest finds the prepared tree up to date), as qcow2, the overlays' backing file.
 fingerprint=$(cat "$0" "$script" "$root/.testbed-root" "$tree/.testbed-prepared" | sha256sum | cut -d' ' -f1)
-if [[ -f $out/kernel-root.sha256 && $(cat "$out/kernel-root.sha256") == "$fingerprint" && -f $image ]]; then
+if [[ -f $out/kernel-root.sha256 && $(head -n1 "$out/kernel-root.sha256") == "$fingerprint" ]] \
+   && [[ -f $image && $(sed -n 2p "$out/kernel-root.sha256") == "$(sha256sum < "$image" | cut -d' ' -f1)" ]]; then
     echo unchanged
     exit 0
 fi
@@ -100,6 +106,8 @@ trap 'rm -f "$raw" "$image.new"' EXIT
 size_mb=$(( $(du -sm "$root" | cut -f1) * 11 / 10 + 1024 ))
 mkfs.ext4 -q -F -L kernel-root -E lazy_itable_init=0,lazy_journal_init=0 -d "$root" "$raw" "${size_mb}M"
 qemu-img convert -f raw -O qcow2 "$raw" "$image.new"
+rm -f "$out/kernel-root.sha256"
 mv "$image.new" "$image"
-echo "$fingerprint" > "$out/kernel-root.sha256"
+printf '%s\n%s\n' "$fingerprint" "$(sha256sum < "$image" | cut -d' ' -f1)" > "$out/kernel-root.sha256.new"
+mv "$out/kernel-root.sha256.new" "$out/kernel-root.sha256"
 echo changed

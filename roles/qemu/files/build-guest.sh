@@ -11,9 +11,11 @@
 # (an empty KERNEL_VERSION picks the newest installed /boot/vmlinuz-*-amd64)
 #
 # Cached: OUTPUT_DIR/inputs.sha256 fingerprints every input (this script, the init script,
-# the workload sources and headers, the kernel, its modules and busybox); when it matches,
-# nothing is rebuilt. The last line of stdout is "changed" or "unchanged" (for Ansible's
-# changed_when).
+# the workload sources and headers, the kernel, its modules and busybox) and
+# OUTPUT_DIR/outputs.sha256 the image's files; when both match, nothing is rebuilt, and a
+# damaged image (a file that no longer matches its digest) is rebuilt. Outputs are written under
+# temporary names and renamed, digests last. The last line of stdout is "changed" or "unchanged"
+# (for Ansible's changed_when).
 set -euo pipefail
 kver=$1 workloads=$2 init=$3 out=$4
 if [[ -z $kver ]]; then
@@ -45,8 +47,8 @@ shopt -s nullglob
 headers=("$workloads"/*.h) # what the sources include: a change to one rebuilds them too
 shopt -u nullglob
 fingerprint=$(cat "$0" "$init" "${sources[@]}" "${headers[@]}" "$kernel" "${module_files[@]}" "$busybox" | sha256sum | cut -d' ' -f1)
-if [[ -f $out/inputs.sha256 && $(cat "$out/inputs.sha256") == "$fingerprint" \
-      && -f $out/vmlinux && -f $out/initramfs.cpio ]]; then
+if [[ -f $out/inputs.sha256 && $(cat "$out/inputs.sha256") == "$fingerprint" ]] \
+      && (cd "$out" && sha256sum --quiet --strict -c outputs.sha256 >/dev/null 2>&1); then
     echo unchanged
     exit 0
 fi
@@ -81,7 +83,10 @@ if not vmlinux.startswith(b"\x7fELF"):
     sys.exit(f"build-guest: {sys.argv[1]}: the xz payload is not an ELF kernel")
 open(sys.argv[2], "wb").write(vmlinux)
 PY
+rm -f "$out/inputs.sha256" "$out/outputs.sha256" # a crash from here on leaves no valid record
 mv "$out/initramfs.cpio.new" "$out/initramfs.cpio"
 mv "$out/vmlinux.new" "$out/vmlinux"
-echo "$fingerprint" > "$out/inputs.sha256"
+(cd "$out" && sha256sum vmlinux initramfs.cpio > outputs.sha256.new && mv outputs.sha256.new outputs.sha256)
+echo "$fingerprint" > "$out/inputs.sha256.new"
+mv "$out/inputs.sha256.new" "$out/inputs.sha256"
 echo changed
