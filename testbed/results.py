@@ -176,12 +176,23 @@ def _check_header(path: Path, header: Sequence[str], columns: tuple[str, ...]) -
         raise InputError(f"{path}: header {','.join(header)} is not the results contract's {','.join(columns)}")
 
 
+def make_dir(directory: Path) -> Path:
+    """Create a results directory (and its parents); a file in its place, or a parent that cannot
+    be written, is an InputError naming it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InputError(f"{directory}: exists and is not a directory (a results directory goes there)") from None
+    except OSError as err:
+        raise InputError(f"{err.filename or directory}: cannot create the results directory: {err.strerror}") from None
+    return directory
+
+
 class ResultsStore:
     """A campaign's results directory, opened for writing by one runner at a time."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = make_dir(Path(directory))
         (self.dir / "runs").mkdir(exist_ok=True)
         self._lock = (self.dir / ".lock").open("w")
         try:
