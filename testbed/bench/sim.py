@@ -15,8 +15,7 @@ import statistics
 
 from testbed.errors import InputError
 
-
-#: (flag, least, most) of the float options: an interval of 0 or an infinite horizon never ends,
+#: (flag, attribute, least, most) of the float options: an interval of 0 or an infinite horizon never ends,
 #: a horizon of 0 divides by zero, and the interval's floor is the CC's (as a spec's interval_s).
 FLOAT_RANGES = (("--hours", "hours", 0.0, 1000.0), ("--interval", "interval", 1.0, 3600.0),
                 ("--scale", "scale", 0.0, 100.0))
