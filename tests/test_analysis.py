@@ -184,6 +184,9 @@ HOSTILE = {
     "unknown status": (lambda d: _edit_cell(d, "runs", "status", "great"), "runs.csv: status: 'great'"),
     "duplicate run rows": (_duplicate_first_run, "is recorded twice"),
     "missing status column": (_drop_status_column, "runs.csv: header"),
+    "variants not a mapping": (lambda d: (d / "manifest.json").write_text('{"variants": [1]}'),
+                               "manifest.json: must be a JSON object whose variants"),
+    "manifest not an object": (lambda d: (d / "manifest.json").write_text("[1]"), "manifest.json: must be"),
     "run id escaping the figure directory": (lambda d: _rename_run_everywhere(d, "../../../escaped"),
                                              "run_id: '../../../escaped' is not a name"),
 }

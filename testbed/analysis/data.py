@@ -56,11 +56,12 @@ def load(directory: str | Path) -> Campaign:
     if not (directory / "runs.csv").exists():
         raise InputError(f"{directory}: not a results directory (no runs.csv)")
     manifest = read_manifest(directory)
-    if not isinstance(manifest, dict):
-        raise InputError(f"{directory / 'manifest.json'}: must be a JSON object")
+    variants = (manifest.get("variants") or {}) if isinstance(manifest, dict) else None
+    if not (isinstance(variants, dict) and all(isinstance(axes, dict) for axes in variants.values())):
+        raise InputError(f"{directory / 'manifest.json'}: must be a JSON object whose variants map ids to axes")
     tables = {t: pd.DataFrame(read_table(directory, t), columns=list(cols)) for t, cols in TABLES.items()}
     columns = _Columns(directory)
-    runs = _with_variants(columns.runs(tables["runs"]), manifest.get("variants") or {})
+    runs = _with_variants(columns.runs(tables["runs"]), variants)
     vm_times = columns.parse(tables["vm_times"], "vm_times", exec_time_s=number)
     migrations = columns.parse(tables["migrations"], "migrations", total_time_s=number, downtime_s=number,
                                bytes=number, started_at=_time)
