@@ -28,10 +28,10 @@ def _filters():
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[tuple[int, paramiko.PKey]]:
+def server(tmp_path_factory) -> Iterator[tuple[int, paramiko.PKey]]:
     """An SSH server on 127.0.0.1 with its own host key that accepts no login: a client gets as far
     as authentication only if it accepted the host key."""
-    key = paramiko.Ed25519Key.from_private_key_file(str(_host_key_file()))
+    key = _host_key(tmp_path_factory.mktemp("server"))
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
@@ -57,14 +57,13 @@ def server() -> Iterator[tuple[int, paramiko.PKey]]:
     listener.close()
 
 
-def _host_key_file() -> Path:
+def _host_key(directory: Path) -> paramiko.PKey:
     """A fresh ed25519 host key (paramiko cannot generate ed25519 keys; ssh-keygen can)."""
     import subprocess
-    import tempfile
 
-    path = Path(tempfile.mkdtemp()) / "host_key"
+    path = directory / "host_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
-    return path
+    return paramiko.Ed25519Key.from_private_key_file(str(path))
 
 
 def _known_hosts(tmp_path: Path, port: int, key: paramiko.PKey) -> Path:
@@ -100,7 +99,7 @@ def test_a_known_host_is_reached_and_the_file_is_left_alone(server, tmp_path):
 
 def test_a_changed_or_unknown_host_key_is_refused(server, tmp_path):
     port, _ = server
-    other = paramiko.Ed25519Key.from_private_key_file(str(_host_key_file()))
+    other = _host_key(tmp_path)
     client = ssh_client(_known_hosts(tmp_path, port, other))
     with pytest.raises(paramiko.BadHostKeyException, match="does not match"):
         _connect(client, port)
