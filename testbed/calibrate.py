@@ -21,15 +21,17 @@ What is fitted, from which rows (each fit records its inputs under `fitted`):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import ValidationError
 
 from testbed.analysis.data import Campaign, load
-from testbed.errors import InputError
+from testbed.errors import InputError, describe_validation_error
 from testbed.lab import parse_rate
 from testbed.sim.calibration import Calibration, ModeCosts
 from testbed.sim.migration import plan
@@ -54,7 +56,8 @@ def calibrate(
             raise InputError(f"{directory}: no run with status ok to calibrate from")
         campaigns.append(c)
     base = base or Calibration()
-    caps = [capacity or _capacity(c) for c in campaigns]
+    caps = [_checked_capacity(capacity, "--capacity") if capacity is not None
+            else _checked_capacity(_capacity(c), f"{c.directory / 'manifest.json'}: lab capacity") for c in campaigns]
     fitted: dict[str, Any] = {}
     changes: dict[str, Any] = {
         "source": ", ".join(str(d) for d in dirs),
@@ -110,7 +113,18 @@ def calibrate(
                 np.average([o[role] for o in overheads], weights=weights[role])
             )
         fitted["cpu_overhead"] = {"per_campaign": overheads}
-    return Calibration.model_validate(base.model_dump() | changes)
+    try:
+        return Calibration.model_validate(base.model_dump() | changes)
+    except ValidationError as err:  # e.g. every execution time nan: nothing finite to fit from
+        raise InputError(describe_validation_error(err, f"calibration from {changes['source']}")
+                         + " (too few finite measurements to fit it)") from None
+
+
+def _checked_capacity(capacity: float, what: str) -> float:
+    """A PM's CPUs scale every CPU integral: zero, negative or non-finite would fit nonsense."""
+    if not (math.isfinite(capacity) and capacity > 0):
+        raise InputError(f"{what}: CPUs of each PM must be a finite number > 0, not {capacity:g}")
+    return capacity
 
 
 def _capacity(c: Campaign) -> float:

@@ -14,8 +14,7 @@ import shlex
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import paramiko
-
+from testbed.drivers.ssh import ssh_client
 from testbed.lab import Lab, LabHost
 
 #: Monitoring queries are allowed from the host's loopback by default, on every lab kind.
@@ -73,14 +72,7 @@ def clock_offsets(lab: Lab) -> dict[str, float]:
 
 def _run(lab: Lab, host: LabHost, argv: tuple[str, ...]) -> str:
     """Run a command on a lab host as root with the lab key; its stdout, or an error with stderr."""
-    with paramiko.SSHClient() as client:
-        known_hosts = lab.state_dir / "known_hosts"
-        if known_hosts.exists():
-            # Read-only: the file is ssh's (load_host_keys would have paramiko rewrite it).
-            client.get_host_keys().load(str(known_hosts))
-        # Like the playbooks' StrictHostKeyChecking=accept-new: a new host is accepted, a known
-        # host with a different key is refused.
-        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    with ssh_client(lab.state_dir / "known_hosts") as client:
         client.connect(
             host.address,
             username="root",

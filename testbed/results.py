@@ -14,7 +14,12 @@ Crash safety: a run's rows are written only when the run is complete, one table 
 with a single write + flush + fsync, and runs.csv last. Its row there is the commit marker: rows
 of the other tables whose run_id is not in runs.csv belong to a run cut short by a crash, and
 are dropped when the store is opened for writing (readers ignore them), so killing the runner
-at any instant loses at most the run in flight and rerunning it writes no duplicate rows.
+at any instant loses at most the run in flight and rerunning it writes no duplicate rows. A
+record that fails without killing the process (a full disk) cuts every table back to its size
+before the record, so a store that stays in use never glues a row onto a fragment.
+
+Numbers are written as Python writes them: a non-finite one as `nan`, `inf` or `-inf`, which
+float() reads back; an empty cell is a value the run could not measure (None).
 """
 
 from __future__ import annotations
@@ -110,8 +115,13 @@ def _cell(name: str, value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return repr(round(value, 6)) if math.isfinite(value) else ""
+        return repr(round(float(value), 6))  # nan, inf, -inf as float() reads them
     return str(value)
+
+
+def number(text: str) -> float:
+    """A numeric cell as written by _cell: empty (not measured) reads as nan."""
+    return math.nan if text == "" else float(text)
 
 
 def _csv_text(rows: Iterable[Sequence[str]]) -> str:
@@ -140,25 +150,49 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def read_table(directory: Path, table: str) -> list[dict[str, str]]:
-    """Committed rows of a table: complete lines of runs that have their runs.csv row."""
-    committed = {row["run_id"] for row in _read_rows(directory / "runs.csv")}
-    return [row for row in _read_rows(directory / f"{table}.csv") if row["run_id"] in committed]
+    """Committed rows of a table: complete lines of runs that have their runs.csv row. A table
+    that is not the contract's (another header, bytes that are not UTF-8) is an InputError."""
+    committed = {row["run_id"] for row in _read_rows(directory / "runs.csv", TABLES["runs"])}
+    return [row for row in _read_rows(directory / f"{table}.csv", TABLES[table]) if row["run_id"] in committed]
 
 
-def _read_rows(path: Path) -> list[dict[str, str]]:
+def _read_rows(path: Path, columns: tuple[str, ...]) -> list[dict[str, str]]:
     if not path.exists():
         return []
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not a results table (byte {err.start} is not UTF-8)") from None
     complete = text[: text.rfind("\n") + 1]  # a torn last line is not a row
-    return list(csv.DictReader(io.StringIO(complete)))
+    reader = csv.DictReader(io.StringIO(complete))
+    if complete:
+        _check_header(path, reader.fieldnames or [], columns)
+    return list(reader)
+
+
+def _check_header(path: Path, header: Sequence[str], columns: tuple[str, ...]) -> None:
+    """Refuse a table whose columns are not the contract's (the readers index them by name)."""
+    if tuple(header) != columns:
+        raise InputError(f"{path}: header {','.join(header)} is not the results contract's {','.join(columns)}")
+
+
+def make_dir(directory: Path) -> Path:
+    """Create a results directory (and its parents); a file in its place, or a parent that cannot
+    be written, is an InputError naming it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InputError(f"{directory}: exists and is not a directory (a results directory goes there)") from None
+    except OSError as err:
+        raise InputError(f"{err.filename or directory}: cannot create the results directory: {err.strerror}") from None
+    return directory
 
 
 class ResultsStore:
     """A campaign's results directory, opened for writing by one runner at a time."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = make_dir(Path(directory))
         (self.dir / "runs").mkdir(exist_ok=True)
         self._lock = (self.dir / ".lock").open("w")
         try:
@@ -168,14 +202,14 @@ class ResultsStore:
             raise InputError(f"{self.dir}: another runner is writing these results") from None
         for table, columns in TABLES.items():
             self._prepare(table, columns)
-        runs = _read_rows(self.path("runs"))
+        runs = _read_rows(self.path("runs"), TABLES["runs"])
         self.statuses: dict[str, str] = {row["run_id"]: row["status"] for row in runs}
         for table in TABLES:
             if table != "runs":
                 self._drop_uncommitted(table)
         self.exec_times: dict[str, dict[str, float]] = {}
-        for row in _read_rows(self.path("vm_times")):
-            self.exec_times.setdefault(row["run_id"], {})[row["vm"]] = float(row["exec_time_s"])
+        for row in _read_rows(self.path("vm_times"), TABLES["vm_times"]):
+            self.exec_times.setdefault(row["run_id"], {})[row["vm"]] = number(row["exec_time_s"])
 
     def close(self) -> None:
         self._lock.close()
@@ -208,9 +242,14 @@ class ResultsStore:
             "cpu_samples": [(run.run_id, *astuple(r)) for r in cpu_samples],
             "runs": [astuple(run)],
         }
-        for table, rows in batches.items():
-            columns = TABLES[table]
-            self._append(table, [[_cell(c, v) for c, v in zip(columns, row, strict=True)] for row in rows])
+        sizes = {table: self.path(table).stat().st_size for table in batches}
+        try:
+            for table, rows in batches.items():
+                columns = TABLES[table]
+                self._append(table, [[_cell(c, v) for c, v in zip(columns, row, strict=True)] for row in rows])
+        except BaseException:
+            self._cut_back(sizes)
+            raise
         self.statuses[run.run_id] = run.status
         self.exec_times[run.run_id] = {r.vm: r.exec_time_s for r in vm_times}
 
@@ -227,6 +266,12 @@ class ResultsStore:
         finally:
             os.close(fd)
 
+    def _cut_back(self, sizes: dict[str, int]) -> None:
+        """Truncate each table to its size before a failed record: no fragment of a line, and
+        no row of the run, stays for the next record to be appended after."""
+        for table, size in sizes.items():
+            os.truncate(self.path(table), size)
+
     def _prepare(self, table: str, columns: tuple[str, ...]) -> None:
         """Create the table with its header, or check the header and cut a torn last line."""
         path = self.path(table)
@@ -235,8 +280,7 @@ class ResultsStore:
             return
         data = path.read_bytes()
         header = next(csv.reader(io.StringIO(data.decode(errors="replace"))), [])
-        if tuple(header) != columns:
-            raise InputError(f"{path}: header {','.join(header)} is not the results contract's {','.join(columns)}")
+        _check_header(path, header, columns)
         end = data.rfind(b"\n") + 1
         if end < len(data):
             with path.open("r+b") as out:
@@ -246,7 +290,7 @@ class ResultsStore:
 
     def _drop_uncommitted(self, table: str) -> None:
         """Remove rows of runs a crash cut short (no runs.csv row), so rerunning them adds no duplicates."""
-        rows = _read_rows(self.path(table))
+        rows = _read_rows(self.path(table), TABLES[table])
         kept = [row for row in rows if row["run_id"] in self.statuses]
         if len(kept) != len(rows):
             columns = TABLES[table]

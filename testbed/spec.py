@@ -27,7 +27,10 @@ App = Literal["synthetic1", "synthetic-random", "kernel", "allocator", "idle", "
 Compression = Literal["none", "bzip2", "zstd", "zlib"]
 Mode = Literal["precopy", "stopcopy", "postcopy"]
 LayoutValue = str | list[int] | dict[str, int]  # a name from layouts.NAMED_LAYOUTS, counts, or PM per VM
-NonNegative = Annotated[float, Field(ge=0)]
+#: Durations: a delay, cooldown or interval of inf passes `ge=0` and hangs a run (or the simulator).
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+#: A VM larger than this (1 TiB) is a typo, not a plan; the PMs' memory is checked by the lab.
+MAX_MEMORY_MB = 1 << 20
 
 #: The thesis runs every variant at least 7 times (§4.3).
 DEFAULT_REPETITIONS = 7
@@ -56,7 +59,7 @@ class Balancer(_Strict):
 
     policy: str = "assign-u"
     params: dict[str, float] = {}
-    interval_s: float = Field(10.0, ge=1.0)  # the thesis' 10 s (§4.2); the CC's minimum is 1 s
+    interval_s: float = Field(10.0, ge=1.0, allow_inf_nan=False)  # the thesis' 10 s (§4.2); the CC's minimum is 1 s
     cooldown_s: NonNegative = 60.0
     mode: Mode | None = None  # None: the technique's own (QEMU pre-copy, containers stop-and-copy)
     compression: Compression = "none"  # of every migration the CC orders (MIGRATION_COMPRESSION)
@@ -144,7 +147,7 @@ class Spec(_Strict):
     instances: int = Field(1, ge=1, le=64)  # copies of the app started at once in every VM
     vms: int = Field(9, ge=1, le=1000)
     pms: int = Field(3, ge=1, le=1000)
-    memory_mb: int = Field(100, ge=32)
+    memory_mb: int = Field(100, ge=32, le=MAX_MEMORY_MB)
     vcpus: int = Field(2, ge=1)
     start_delay_s: dict[str, NonNegative] = {}  # per VM; scaled with `scale` (validation, §4.5)
     warmup_s: NonNegative = 0.0  # kind migration: the app runs this long before the move
@@ -177,13 +180,8 @@ class Spec(_Strict):
         if self.kind == "migration" and False in self.matrix.migration:
             raise _fail(("matrix", "migration"), "a migration experiment always migrates (use [true])",
                         self.matrix.migration)
-        axes = set(Matrix.model_fields) | {"technique"}
         for k, rule in enumerate(self.exclude):
-            for key in rule:
-                if key not in axes:
-                    raise _fail(("exclude", k, key), f"not a matrix axis ({', '.join(sorted(axes))})", key)
-            if rule.get("technique", self.techniques[0]) not in self.techniques:
-                raise _fail(("exclude", k, "technique"), "not one of the spec's techniques", rule["technique"])
+            self._check_exclude(k, rule)
         seen: set[str] = set()
         for variant in self.variants():
             if variant.id in seen:
@@ -195,6 +193,28 @@ class Spec(_Strict):
             for variant in variant_list:
                 self._technique_can(technique, variant)
         return self
+
+    def _check_exclude(self, k: int, rule: dict[str, Any]) -> None:
+        """Each key of an exclude rule is an axis and its value one that axis takes, strictly (a
+        value of another type would match no variant, or break matching: `{layout: 5}`)."""
+        axes = set(Matrix.model_fields) | {"technique"}
+        for key, value in rule.items():
+            if key not in axes:
+                raise _fail(("exclude", k, key), f"not a matrix axis ({', '.join(sorted(axes))})", key)
+            if key == "technique":
+                if value not in self.techniques:
+                    raise _fail(("exclude", k, key), "not one of the spec's techniques", value)
+                continue
+            if value is None and key in ("link_rate", "mode"):  # the lab's rate, the technique's mode
+                continue
+            try:
+                Matrix.model_validate({key: [value]}, strict=True)
+                if key == "layout":
+                    layouts.placement(value, self.vms, self.pms)
+            except ValidationError as err:
+                raise _fail(("exclude", k, key), f"not a valid {key}: {err.errors()[0]['msg']}", value) from None
+            except ValueError as err:
+                raise _fail(("exclude", k, key), str(err), value) from None
 
     def _technique_can(self, technique: str, variant: Variant) -> None:
         """Refuse a variant whose compression or mode the technique's migration does not have."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -140,3 +141,112 @@ def test_plot_aggregates_above_the_per_vm_and_per_pm_limits(tmp_path):
     assert "spread of the PMs' load" in notes["cpu_timeline"]
     timelines = [f.title for f in drawn if f.kind == "cpu_timeline"]
     assert any("precopy" in t for t in timelines) and any("stopcopy" in t for t in timelines)
+
+
+# --- hostile results directories: one line on stderr, exit 2, nothing written -------------------
+
+def _edit_cell(directory: Path, table: str, column: str, value: str) -> None:
+    """Set `column` of the table's first row to `value`."""
+    path = directory / f"{table}.csv"
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",")
+    cells = lines[1].split(",")
+    cells[header.index(column)] = value
+    lines[1] = ",".join(cells)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _duplicate_first_run(directory: Path) -> None:
+    lines = (directory / "runs.csv").read_text().splitlines()
+    (directory / "runs.csv").write_text("\n".join([*lines, lines[1]]) + "\n")
+
+
+def _drop_status_column(directory: Path) -> None:
+    lines = (directory / "runs.csv").read_text().splitlines()
+    (directory / "runs.csv").write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
+
+
+def _rename_run_everywhere(directory: Path, new: str) -> None:
+    old = "qemu.synthetic1.unbalanced.mig.r1"
+    for table in ("runs", "vm_times", "migrations", "cpu_samples"):
+        path = directory / f"{table}.csv"
+        path.write_text(path.read_text().replace(old, new))
+
+
+HOSTILE = {
+    "exec_time_s not a number": (lambda d: _edit_cell(d, "vm_times", "exec_time_s", "abc"),
+                                 "vm_times.csv: exec_time_s: 'abc'"),
+    "rep x": (lambda d: _edit_cell(d, "runs", "rep", "x"), "runs.csv: rep: 'x'"),
+    "bad timestamp": (lambda d: _edit_cell(d, "runs", "started_at", "yesterday"), "runs.csv: started_at:"),
+    "timestamp without offset": (lambda d: _edit_cell(d, "runs", "finished_at", "2026-01-01T00:00:00"),
+                                 "no UTC offset"),
+    "bytes lots": (lambda d: _edit_cell(d, "migrations", "bytes", "lots"), "migrations.csv: bytes: 'lots'"),
+    "unknown status": (lambda d: _edit_cell(d, "runs", "status", "great"), "runs.csv: status: 'great'"),
+    "duplicate run rows": (_duplicate_first_run, "is recorded twice"),
+    "missing status column": (_drop_status_column, "runs.csv: header"),
+    "variants not a mapping": (lambda d: (d / "manifest.json").write_text('{"variants": [1]}'),
+                               "manifest.json: must be a JSON object whose variants"),
+    "manifest not an object": (lambda d: (d / "manifest.json").write_text("[1]"), "manifest.json: must be"),
+    "run id escaping the figure directory": (lambda d: _rename_run_everywhere(d, "../../../escaped"),
+                                             "run_id: '../../../escaped' is not a name"),
+}
+
+
+@pytest.mark.parametrize("command", ["plot", "report"])
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_a_hostile_results_directory_is_one_line_and_writes_nothing(campaign_dir, tmp_path, capsys, command,
+                                                                     case):
+    directory = tmp_path / "deep" / "er" / "results"
+    shutil.copytree(campaign_dir, directory, ignore=shutil.ignore_patterns("figures", "report.html"))
+    edit, message = HOSTILE[case]
+    edit(directory)
+    before = sorted(tmp_path.rglob("*"))
+    assert main([command, str(directory)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("testbed: error: ") and err.count("\n") == 1 and message in err, err
+    assert sorted(tmp_path.rglob("*")) == before  # no figure, no page, nothing outside either
+
+
+def test_an_out_that_is_the_wrong_kind_of_file_is_one_line(campaign_dir, tmp_path, capsys):
+    a_file = tmp_path / "taken"
+    a_file.write_text("mine\n")
+    assert main(["plot", str(campaign_dir), "--out", str(a_file)]) == 2
+    assert main(["report", str(campaign_dir), "--out", str(tmp_path)]) == 2
+    assert main(["report", str(campaign_dir), "--out", str(tmp_path / "no" / "such" / "dir.html")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["testbed"] * 3, lines
+    assert "not a directory" in lines[0] and "is a directory" in lines[1] and "No such file" in lines[2]
+    assert a_file.read_text() == "mine\n"
+
+
+def test_the_report_escapes_what_the_results_directory_says(tmp_path):
+    with ResultsStore(tmp_path) as store:
+        run_campaign(small_spec(repetitions=1), store, FakeExecutor())
+        store.update_manifest(experiment="<script>alert(1)</script>", lab={"note": "<img src=x onerror=y>"})
+    assert main(["report", str(tmp_path)]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert "<script>alert" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_non_finite_numbers_survive_the_store(tmp_path):
+    """A NaN execution time and an infinite migration time are written as float() reads them, so
+    reopening the store and loading the campaign work (they used to be written as empty cells)."""
+    from campaign_helpers import fake_result
+
+    from testbed.results import MigrationRow, RunRow, VmTime
+    from testbed.runner.campaign import cells, pending_runs
+
+    spec = small_spec(repetitions=1)
+    run = pending_runs(spec, cells(spec), {}, {})[0]
+    res = fake_result(run)
+    move = MigrationRow("vm1", "tb-pm1", "tb-pm2", "precopy", res.started_at, math.inf, None, 10, "failed")
+    with ResultsStore(tmp_path) as store:
+        store.record(RunRow(run.run_id, spec.name, run.technique, run.variant.app, run.variant.layout,
+                            run.variant.migration, run.rep, res.started_at, res.finished_at, "ok"),
+                     [VmTime("vm1", "tb-pm1", "tb-pm1", math.nan)], [move], res.cpu_samples)
+    with ResultsStore(tmp_path) as store:
+        assert math.isnan(store.exec_times[run.run_id]["vm1"])
+    c = load(tmp_path)
+    assert math.isnan(c.vm_times["exec_time_s"].iloc[0]) and math.isinf(c.migrations["total_time_s"].iloc[0])
+    assert math.isnan(c.migrations["downtime_s"].iloc[0])

@@ -77,6 +77,17 @@ BAD_INPUTS = {
     "base below one": ({"hosts": THREE_PMS}, ["--base", "0.5"], "--base"),
     "base not a number": ({"hosts": THREE_PMS}, ["--base", "two"], "--base"),
     "base nan": ({"hosts": THREE_PMS}, ["--base", "nan"], "--base"),
+    "cpu as a string": ({"hosts": THREE_PMS, "vms": [{**GOOD_VM, "cpu": "10"}]}, [], "vms.0.cpu"),
+    "cpu as a boolean": ({"hosts": THREE_PMS, "vms": [{**GOOD_VM, "cpu": True}]}, [], "vms.0.cpu"),
+    "capacity as a string": ({"hosts": [{"name": "pm1", "capacity": "100"}]}, [], "hosts.0.capacity"),
+    "name as a number": ({"hosts": [{"name": 1, "capacity": 100}]}, [], "hosts.0.name"),
+    "duplicate key": ('{"hosts": [{"name": "pm1", "capacity": 100, "capacity": 5}]}', [], "'capacity' is given twice"),
+    "cpu NaN constant": ('{"hosts": [{"name": "pm1", "capacity": 100, "cpu": NaN}]}', [], "hosts.0.cpu"),
+    "sum past float's range": ({"hosts": THREE_PMS, "vms": [{**GOOD_VM, "cpu": 1e308},
+                                                            {**GOOD_VM, "name": "vm2", "cpu": 1e308}]}, [], "vms.0.cpu"),
+    "capacity too small": ({"hosts": [{"name": "pm1", "capacity": 1e-300}, THREE_PMS[1]], "vms": [GOOD_VM]}, [],
+                           "hosts.0.capacity"),
+    "capacity too large": ({"hosts": [{"name": "pm1", "capacity": 1e308}]}, [], "hosts.0.capacity"),
 }
 
 
@@ -89,6 +100,22 @@ def test_bad_input_exits_2_with_one_line_naming_the_field(tmp_path, case):
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("testbed: error: "), result.stderr
     assert field in lines[0]
+
+
+@pytest.mark.parametrize("policy", ["assign-u", "workload-balance", "stddev"])
+def test_the_bounds_keep_every_policy_quiet(tmp_path, policy):
+    """At the extremes the bounds allow, no policy warns (numpy would print on stderr) and the
+    decision is an ordinary one."""
+    hosts = [{"name": "pm1", "capacity": 1e-3}, {"name": "pm2", "capacity": 1e6}]
+    vms = [{"name": f"vm{k}", "host": "pm1", "cpu": 1e6} for k in range(50)]
+    result = run_testbed("balance", write(tmp_path, {"hosts": hosts, "vms": vms}), "--policy", policy)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert json.loads(result.stdout)["balanced"] in (True, False)
+
+
+def test_an_endless_file_is_refused_after_a_bounded_read():
+    result = run_testbed("balance", "/dev/zero")
+    assert result.returncode == 2 and result.stderr == "testbed: error: /dev/zero: larger than 64 MiB, not a snapshot\n"
 
 
 def test_missing_file_is_one_line(tmp_path):

@@ -57,6 +57,7 @@ def parents() -> Iterator[dict[str, Path]]:
         cgroups.remove(group)
 
 
+@pytest.mark.lab  # creates cgroups under the machine's cpu and cpuacct hierarchies
 def test_quota_usage_and_removal_once_the_tasks_are_gone(parents: dict[str, Path]) -> None:
     vm = {c: cgroups.create(parent / "vm") for c, parent in parents.items()}
     cgroups.set_quota(vm["cpu"], 0.25)

@@ -21,7 +21,7 @@ import pytest
 
 from testbed.bench.container_migration import continued, wait_checks
 from testbed.bench.migration import links_at, wait_blocks
-from testbed.drivers.base import Driver, Host, MigrationMode, MigrationRecord, VMSpec, pm_hosts
+from testbed.drivers.base import Host, MigrationMode, MigrationRecord, VMSpec, pm_hosts
 from testbed.drivers.container import CONTROLLERS, ContainerDriver, ContainerError, _ns_init
 from testbed.lab import Lab, parse_rate
 
@@ -89,10 +89,6 @@ def fetch(pm: Host, address: str) -> int:
 def agents() -> list[str]:
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
     return [line for line in ps.splitlines() if "testbed.drivers.memdump" in line]
-
-
-def test_driver_implements_the_protocol(driver: ContainerDriver) -> None:
-    assert isinstance(driver, Driver)
 
 
 def test_container_has_its_namespaces_cgroups_and_address(driver: ContainerDriver, busy: Busy,

@@ -244,8 +244,9 @@ def test_config_set_at_run_time_survives_a_respawn_but_not_new_flags(tmp_path):
 
 
 def test_api_publishes_its_openapi_schema_and_drain_unknown_host_is_404(cc_url):
-    schema = httpx.get(f"{cc_url}/openapi.json").json()
+    schema = httpx.get(f"{cc_url}/openapi.json").json()  # public on purpose (testbed.manager.api)
     assert {"/v1/status", "/v1/config", "/v1/events", "/v1/drain", "/v1/pause"} <= set(schema["paths"])
+    assert [httpx.get(f"{cc_url}/{page}").status_code for page in ("docs", "redoc")] == [404, 404]
     client = ManagerClient(cc_url, TOKEN)
     with pytest.raises(httpx.HTTPStatusError, match="404"):
         client.post("/v1/drain", HostRequest(host="tb-pm9"))

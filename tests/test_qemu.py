@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from testbed.bench.migration import continued, links_at, synthetic1_blocks, wait_blocks
-from testbed.drivers.base import Driver, Host, MigrationMode, MigrationRecord, VMSpec, pm_hosts
+from testbed.drivers.base import Host, MigrationMode, MigrationRecord, VMSpec, pm_hosts
 from testbed.drivers.qemu import QemuDriver, QemuError
 from testbed.lab import Lab
 
@@ -79,10 +79,6 @@ def _guest_used_bytes(driver: QemuDriver, vm: str) -> int:
     run = driver.wait_workload(vm, driver.start_workload(vm, ["cat", "/proc/meminfo"]).id, timeout_s=30)
     info = {line.split(":")[0]: int(line.split()[1]) * 1024 for _, line in run.output if ":" in line}
     return info["MemTotal"] - info["MemFree"]
-
-
-def test_driver_implements_the_protocol(driver: QemuDriver) -> None:
-    assert isinstance(driver, Driver)
 
 
 def test_workload_runs_and_is_timed_by_the_host(driver: QemuDriver, busy) -> None:

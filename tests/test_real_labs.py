@@ -83,6 +83,7 @@ def local_pm_inventory(path: Path, technique: str) -> Path:
     return path
 
 
+@pytest.mark.lab  # technique.yml against this machine: if the refusal broke, it would provision it
 @pytest.mark.parametrize(
     ("technique", "message"),
     [

@@ -79,7 +79,7 @@ def test_a_foreign_header_is_refused(tmp_path):
 # The writer process: records rep 1 of one cell, then dies by SIGKILL at `where` while recording
 # rep 2 -- after a table's append (between tables) or in the middle of a write (a torn line).
 _KILLED_WRITER = """
-    import os, signal, sys
+    import os, resource, signal, sys
     from campaign_helpers import fake_result, small_spec
     from testbed import results
     from testbed.runner.campaign import cells, pending_runs
@@ -100,10 +100,11 @@ _KILLED_WRITER = """
     append = ResultsStore._append
     def dying_append(self, table, rows):
         if where == "torn:" + table:
-            data = results._csv_text(rows).encode()
-            fd = os.open(self.path(table), os.O_WRONLY | os.O_APPEND)
-            os.write(fd, data[: len(data) // 2])
-            os.kill(os.getpid(), signal.SIGKILL)
+            # The store's own write, cut short by the kernel (the file may grow by only half of
+            # the rows, as on a full disk), and the process dies before it can cut the fragment back.
+            half = self.path(table).stat().st_size + len(results._csv_text(rows).encode()) // 2
+            resource.setrlimit(resource.RLIMIT_FSIZE, (half, resource.RLIM_INFINITY))
+            os.truncate = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
         append(self, table, rows)
         if where == "after:" + table:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -117,6 +118,8 @@ _KILLED_WRITER = """
 def test_killed_mid_record_leaves_no_partial_run(tmp_path, where):
     proc = run_python(_KILLED_WRITER.format(where=where, directory=str(tmp_path)))
     assert proc.returncode == -signal.SIGKILL, proc.stderr
+    if where.startswith("torn:"):  # the kernel left a fragment of a line
+        assert not (tmp_path / f"{where[5:]}.csv").read_bytes().endswith(b"\n")
     raw = {t: rows(tmp_path, t) for t in TABLES}
     assert any(r["run_id"].endswith(".r2") for t in TABLES for r in raw[t]) or where.startswith("torn")
     assert read_table(tmp_path, "vm_times") == [r for r in raw["vm_times"] if r["run_id"].endswith(".r1")]
@@ -130,6 +133,54 @@ def test_killed_mid_record_leaves_no_partial_run(tmp_path, where):
     runs = rows(tmp_path, "runs")
     assert len(runs) == len({r["run_id"] for r in runs}) == 2 * 3 * 3
     assert_complete_and_unique(tmp_path, spec)
+
+
+_FULL_DISK_WRITER = """
+    import resource, signal
+    from campaign_helpers import fake_result, small_spec
+    from testbed.results import ResultsStore, RunRow
+    from testbed.runner.campaign import cells, pending_runs
+
+    spec = small_spec()
+    run1, run2, run3 = pending_runs(spec, cells(spec), {{}}, {{}})[:3]
+
+    def record(store, run):
+        res = fake_result(run)
+        store.record(RunRow(run.run_id, spec.name, run.technique, run.variant.app, run.variant.layout,
+                            run.variant.migration, run.rep, res.started_at, res.finished_at, res.status),
+                     res.vm_times, res.migrations, res.cpu_samples)
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, as on a full disk
+    with ResultsStore({directory!r}) as store:
+        record(store, run1)
+        append = ResultsStore._append
+        def full_disk(self, table, rows):
+            if table == "cpu_samples":  # vm_times went in; cpu_samples gets a few bytes only
+                resource.setrlimit(resource.RLIMIT_FSIZE, (self.path(table).stat().st_size + 7, resource.RLIM_INFINITY))
+            try:
+                append(self, table, rows)
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        ResultsStore._append = full_disk
+        try:
+            record(store, run2)
+        except OSError as err:
+            print("full:", err)
+        ResultsStore._append = append
+        record(store, run2)  # the store stays in use: the same run again, then the next
+        record(store, run3)
+"""
+
+
+def test_a_failed_write_leaves_no_fragment_for_a_store_still_in_use(tmp_path):
+    """A record that fails on a real short write (the file size limit standing in for a full
+    disk) cuts every table back, so recording on with the same store glues nothing onto a
+    fragment and leaves no second copy of the failed run's rows."""
+    proc = run_python(_FULL_DISK_WRITER.format(directory=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("full: ") and "short write" in proc.stdout
+    assert len(rows(tmp_path, "runs")) == 3
+    assert_complete_and_unique(tmp_path, small_spec())
 
 
 def assert_complete_and_unique(directory: Path, spec) -> None:

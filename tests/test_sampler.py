@@ -157,8 +157,36 @@ def test_an_unknown_vm_cpu_source_is_refused_before_the_lc_starts() -> None:
     assert main(argv) == 2
 
 
-def test_a_local_controller_samples_this_machine() -> None:
-    """The real /proc/stat, read by the LC's own sampling thread."""
+def _stat(busy: int, idle: int) -> str:
+    """A /proc/stat of 2 CPUs with these totals (user and idle ticks), as the kernel writes it."""
+    return (f"cpu  {busy} 0 0 {idle} 0 0 0 0 0 0\ncpu0 {busy // 2} 0 0 {idle // 2} 0 0 0 0 0 0\n"
+            f"cpu1 {busy - busy // 2} 0 0 {idle - idle // 2} 0 0 0 0 0 0\nintr 0\n")
+
+
+def test_a_local_controller_samples_what_proc_stat_says(tmp_path: Path) -> None:
+    """The LC's own sampling thread over a /proc/stat that advances 3 busy ticks for each idle one
+    while it runs: whatever the thread's timing, the machine is 75 % busy, and the sample says so."""
+    proc_stat = tmp_path / "stat"
+    proc_stat.write_text(_stat(1000, 1000))
+    lc = LocalController(ProcStatSampler("pm1", vm_reader("none", Host("pm1", "198.18.0.11", 1.0, 4)), proc_stat),
+                         migrate=None, period=0.1)
+    lc.start()
+    try:
+        for k in range(1, 25):
+            time.sleep(0.05)
+            fresh = tmp_path / "stat.new"
+            fresh.write_text(_stat(1000 + 30 * k, 1000 + 10 * k))
+            fresh.replace(proc_stat)  # whole, as the kernel's file reads
+        sample = lc.sample(0.8)
+    finally:
+        lc.stop()
+    assert sample.capacity == 2.0 and sample.window >= 0.5
+    assert sample.use == pytest.approx(75.0) and sample.demand == pytest.approx(75.0)
+
+
+def test_a_local_controller_reads_this_machine() -> None:
+    """The real /proc/stat: the LC reads it and counts this machine's CPUs (the value is checked
+    above, on a /proc/stat whose busy share is known)."""
     lc = LocalController(ProcStatSampler("pm1", vm_reader("none", Host("pm1", "198.18.0.11", 1.0, 4))),
                          migrate=None, period=0.2)
     lc.start()

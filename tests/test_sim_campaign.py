@@ -3,9 +3,13 @@ own parameters, the scale study's results, validation tables, and the SIMULATED 
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
+from pathlib import Path
 
 import pytest
+import yaml
 
 from testbed.analysis.data import load
 from testbed.analysis.plots import plot_all
@@ -223,3 +227,82 @@ def test_the_shipped_scale_study_loads() -> None:
     study = load_study(Path(__file__).resolve().parent.parent / "experiments" / "studies" / "scale.yml")
     assert study.sizes == [10, 100, 1000] and study.vms_per_pm == 3  # issue 9's scales
     assert {p.policy for p in study.policies} >= {"assign-u", "workload-balance", "stddev", "none"}
+
+
+# --- bad input to the simulator's commands: one line, exit 2, nothing created -----------------------
+
+LAB_DATA = Path(__file__).parent / "data" / "lab-exp1-qemu-s0.05"
+STUDY = Path(__file__).resolve().parent.parent / "experiments" / "studies" / "scale.yml"
+
+
+def _all_nan(tmp_path: Path) -> Path:
+    """The recorded lab campaign with every measured time and CPU share nan."""
+    copy = tmp_path / "nan"
+    shutil.copytree(LAB_DATA, copy)
+    for table, columns in (("vm_times", ["exec_time_s"]), ("cpu_samples", ["cpu_pct"]),
+                           ("migrations", ["total_time_s", "downtime_s"])):
+        path = copy / f"{table}.csv"
+        rows = list(csv.DictReader(path.open()))
+        for row in rows:
+            row.update(dict.fromkeys(columns, "nan"))
+        with path.open("w") as out:
+            writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+    return copy
+
+
+def _study_with(tmp_path: Path, **changes) -> Path:
+    data = yaml.safe_load(STUDY.read_text()) | changes
+    path = tmp_path / "study.yml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+BAD_SIM_COMMANDS = {
+    "sim run --results on a file": (
+        lambda t: ["sim", "run", str(_sim_spec(t)), "--results", str(_a_file(t))], "exists and is not a directory"),
+    "study --sizes 0": (lambda t: ["sim", "study", str(STUDY), "--sizes", "0", "--results", str(t / "out")],
+                        "sizes.0: Input should be greater than or equal to 1"),
+    "study --sizes -3": (lambda t: ["sim", "study", str(STUDY), "--sizes", "-3", "--results", str(t / "out")],
+                         "sizes.0: Input should be greater than or equal to 1"),
+    "study --reps 0": (lambda t: ["sim", "study", str(STUDY), "--reps", "0", "--results", str(t / "out")],
+                       "repetitions: Input should be greater than or equal to 1"),
+    "study concurrency 0": (lambda t: ["sim", "study", str(_study_with(t, concurrency=[0])), "--results",
+                                       str(t / "out")], "concurrency.0: Input should be greater than or equal"),
+    "validate --bound -5": (lambda t: ["sim", "validate", str(LAB_DATA), str(LAB_DATA), "--bound", "-5"],
+                            "--bound: a difference in percent"),
+    "calibrate all-nan times": (lambda t: ["calibrate", str(_all_nan(t)), "--out", str(t / "cal.json")],
+                                "too few finite measurements"),
+    "calibrate --capacity -1": (lambda t: ["calibrate", str(LAB_DATA), "--capacity", "-1", "--out",
+                                           str(t / "cal.json")], "--capacity: CPUs of each PM must be"),
+    "bench sim --interval 0": (lambda t: ["bench", "sim", "--interval", "0"], "--interval: must be >= 1"),
+    "bench sim --interval -10": (lambda t: ["bench", "sim", "--interval", "-10"], "--interval: must be >= 1"),
+    "bench sim --hours inf": (lambda t: ["bench", "sim", "--hours", "inf"], "--hours: must be > 0"),
+    "bench sim --hours 0": (lambda t: ["bench", "sim", "--hours", "0"], "--hours: must be > 0"),
+    "bench sim --hours -1": (lambda t: ["bench", "sim", "--hours", "-1"], "--hours: must be > 0"),
+    "bench sim --scale nan": (lambda t: ["bench", "sim", "--scale", "nan"], "--scale: must be > 0"),
+}
+
+
+def _sim_spec(tmp_path: Path) -> Path:
+    path = tmp_path / "spec.yml"
+    path.write_text(json.dumps(_spec(repetitions=1).model_dump(mode="json")))
+    return path
+
+
+def _a_file(tmp_path: Path) -> Path:
+    path = tmp_path / "taken"
+    path.write_text("mine\n")
+    return path
+
+
+@pytest.mark.parametrize("case", list(BAD_SIM_COMMANDS))
+def test_bad_simulator_input_is_one_line_and_creates_nothing(tmp_path, capsys, case):
+    argv, message = BAD_SIM_COMMANDS[case]
+    argv = argv(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("testbed: error: ") and err.count("\n") == 1 and message in err, err
+    assert sorted(tmp_path.rglob("*")) == before

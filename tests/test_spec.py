@@ -62,6 +62,16 @@ def test_named_layouts_follow_the_thesis():
         ({"matrix": {"compression": ["gzip"]}}, "matrix.compression.0: Input should be"),
         ({"matrix": {"migration": []}}, "matrix.migration: List should have at least 1 item"),
         ({"exclude": [{"speed": 1}]}, "exclude.0.speed: not a matrix axis"),
+        ({"exclude": [{"layout": 5}]}, "exclude.0.layout: not a valid layout"),
+        ({"exclude": [{"layout": {"x": 1}}]}, "exclude.0.layout: x is not one of the experiment's VMs"),
+        ({"exclude": [{"migration": "yes"}]}, "exclude.0.migration: not a valid migration"),
+        ({"exclude": [{"link_rate": "fast"}]}, "exclude.0.link_rate: not a valid link_rate: 'fast' is not a rate"),
+        ({"exclude": [{"technique": "xen"}]}, "exclude.0.technique: not one of the spec's techniques"),
+        ({"memory_mb": 10**9}, "memory_mb: Input should be less than or equal to 1048576"),
+        ({"start_delay_s": {"vm1": float("inf")}}, "start_delay_s.vm1: Input should be a finite number"),
+        ({"warmup_s": float("nan")}, "warmup_s: Input should be a finite number"),
+        ({"balancer": {"cooldown_s": float("inf")}}, "balancer.cooldown_s: Input should be a finite number"),
+        ({"balancer": {"interval_s": float("inf")}}, "balancer.interval_s: Input should be a finite number"),
         ({"exclude": [{"layout": "balanced"}]}, "exclude: excludes every variant"),
         ({"start_delay_s": {"vm12": 5}}, "start_delay_s.vm12: not one of the VMs vm1..vm9"),
         ({"start_delay_s": {"vm1": -5}}, "start_delay_s.vm1: Input should be greater than or equal to 0"),
@@ -79,6 +89,27 @@ def test_bad_field_is_named_in_one_line(change, message):
     text = str(err.value)
     assert text.startswith("x.yml: ") and message in text, text
     assert "\n" not in text
+
+
+def test_an_exclude_with_the_default_mode_or_rate_is_accepted():
+    spec = parse_spec(BASE | {"matrix": {"layout": ["balanced", "unbalanced"]},
+                              "exclude": [{"layout": "balanced", "mode": None, "link_rate": None}]})
+    assert [v.layout for v in spec.variants()] == ["unbalanced", "unbalanced"]
+
+
+@pytest.mark.parametrize("command", [["run"], ["sim", "run"]])
+@pytest.mark.parametrize("text", ["exclude: [{layout: 5}]", "exclude: [{layout: {x: 1}}]", "memory_mb: 1000000000",
+                                  "start_delay_s: {vm1: .inf}", "balancer: {cooldown_s: .inf}"])
+def test_the_cli_refuses_a_bad_spec_in_one_line_before_creating_anything(tmp_path, capsys, command, text):
+    from testbed.cli import main
+
+    spec = tmp_path / "bad.yml"
+    technique = "sim" if command == ["sim", "run"] else "qemu"
+    spec.write_text(f"name: bad\ntechniques: [{technique}]\nmatrix: {{layout: [balanced, unbalanced]}}\n{text}\n")
+    assert main([*command, str(spec), "--results", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("testbed: error: ") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yml"]
 
 
 def test_load_spec_reports_yaml_and_file_problems(tmp_path):

@@ -8,7 +8,10 @@ compression need no extra columns.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,7 @@ import pandas as pd
 
 from testbed.analysis.stats import relative_change, summarize, welch_p
 from testbed.errors import InputError
-from testbed.results import TABLES, read_manifest, read_table
+from testbed.results import RUN_STATUSES, TABLES, number, read_manifest, read_table
 
 #: Columns naming a variant besides the migration switch (a with/without pair shares them).
 TWIN_KEYS = ["technique", "app", "layout", "mode", "link_rate", "compression", "concurrency"]
@@ -46,30 +49,101 @@ class Campaign:
 
 
 def load(directory: str | Path) -> Campaign:
+    """A results directory as typed tables; anything the contract does not allow (a cell that is
+    not a number or a time, a run recorded twice, a run id that is not a file name) is an
+    InputError naming the file, the column and the run, before anything is drawn or written."""
     directory = Path(directory)
     if not (directory / "runs.csv").exists():
         raise InputError(f"{directory}: not a results directory (no runs.csv)")
     manifest = read_manifest(directory)
+    variants = (manifest.get("variants") or {}) if isinstance(manifest, dict) else None
+    if not (isinstance(variants, dict) and all(isinstance(axes, dict) for axes in variants.values())):
+        raise InputError(f"{directory / 'manifest.json'}: must be a JSON object whose variants map ids to axes")
     tables = {t: pd.DataFrame(read_table(directory, t), columns=list(cols)) for t, cols in TABLES.items()}
-    runs = _with_variants(tables["runs"], manifest.get("variants", {}))
-    vm_times = tables["vm_times"].astype({"exec_time_s": float})
-    migrations = tables["migrations"].assign(
-        total_time_s=pd.to_numeric(tables["migrations"]["total_time_s"]),
-        downtime_s=pd.to_numeric(tables["migrations"]["downtime_s"]),
-        bytes=pd.to_numeric(tables["migrations"]["bytes"]),
-        started_at=pd.to_datetime(tables["migrations"]["started_at"], format="ISO8601"),
-    )
-    cpu = tables["cpu_samples"].astype({"t_s": float, "cpu_pct": float})
+    columns = _Columns(directory)
+    runs = _with_variants(columns.runs(tables["runs"]), variants)
+    vm_times = columns.parse(tables["vm_times"], "vm_times", exec_time_s=number)
+    migrations = columns.parse(tables["migrations"], "migrations", total_time_s=number, downtime_s=number,
+                               bytes=number, started_at=_time)
+    cpu = columns.parse(tables["cpu_samples"], "cpu_samples", t_s=number, cpu_pct=number)
     return Campaign(directory, manifest, runs, vm_times, migrations, cpu)
 
 
+#: A value in these columns of runs.csv becomes part of a file name (figures are named
+#: `cpu_timeline.<run_id>`, `exec_time.<technique>.<app>`): a results directory is input, and a
+#: crafted `../x` would otherwise write figures outside the figure directory.
+FILE_NAME_COLUMNS = ("run_id", "technique", "app")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def _time(text: str) -> datetime:
+    """An ISO 8601 time of the store, with its UTC offset (times of runs and migrations are
+    subtracted from each other, which a time without one would break)."""
+    when = datetime.fromisoformat(text)
+    if when.tzinfo is None:
+        raise ValueError("no UTC offset")
+    return when
+
+
+def _rep(text: str) -> int:
+    rep = int(text)
+    if rep < 1:
+        raise ValueError("a repetition counts from 1")
+    return rep
+
+
+def _flag(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise ValueError("not true or false")
+    return text == "true"
+
+
+def _status(text: str) -> str:
+    if text not in RUN_STATUSES:
+        raise ValueError(f"not one of {', '.join(RUN_STATUSES)}")
+    return text
+
+
+_DTYPES: dict[Callable[[str], Any], str] = {number: "float64", _rep: "int64", _flag: "bool"}
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """Parses the tables' text cells into typed columns, naming the first bad cell in one line."""
+
+    directory: Path
+
+    def parse(self, table: pd.DataFrame, name: str, **parsers: Callable[[str], Any]) -> pd.DataFrame:
+        return table.assign(**{col: self._column(table, name, col, parse) for col, parse in parsers.items()})
+
+    def _column(self, table: pd.DataFrame, name: str, column: str, parse: Callable[[str], Any]) -> pd.Series:
+        values = pd.Series(self._values(table, name, column, parse), index=table.index, dtype=object)
+        return pd.to_datetime(values, utc=True) if parse is _time else values.astype(_DTYPES.get(parse, object))
+
+    def _values(self, table: pd.DataFrame, name: str, column: str, parse: Callable[[str], Any]) -> list[Any]:
+        values = []
+        for run_id, text in zip(table["run_id"], table[column], strict=True):
+            try:
+                values.append(parse(text))
+            except (ValueError, TypeError, OverflowError) as err:
+                raise InputError(f"{self.directory / name}.csv: {column}: {text!r} of run {run_id} is not valid "
+                                 f"({err})") from None
+        return values
+
+    def runs(self, runs: pd.DataFrame) -> pd.DataFrame:
+        path = self.directory / "runs.csv"
+        for column in FILE_NAME_COLUMNS:
+            for text in runs[column]:
+                if not _FILE_NAME.match(text):
+                    raise InputError(f"{path}: {column}: {text!r} is not a name (letters, digits, . _ + - only)")
+        twice = runs["run_id"][runs["run_id"].duplicated()]
+        if not twice.empty:
+            raise InputError(f"{path}: run {twice.iloc[0]} is recorded twice")
+        return self.parse(runs, "runs", rep=_rep, migration=_flag, started_at=_time, finished_at=_time,
+                          status=_status)
+
+
 def _with_variants(runs: pd.DataFrame, variants: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    runs = runs.assign(
-        rep=runs["rep"].astype(int),
-        migration=runs["migration"] == "true",
-        started_at=pd.to_datetime(runs["started_at"], format="ISO8601"),
-        finished_at=pd.to_datetime(runs["finished_at"], format="ISO8601"),
-    )
     ids = [_variant_id(r.run_id, r.technique) for r in runs.itertuples()]
     runs["variant"] = ids
     for key in ("mode", "link_rate", "compression", "concurrency"):

@@ -9,16 +9,32 @@ wall time of `--repeats` runs, on one core (numpy single-threaded), with the eve
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 
 from testbed.errors import InputError
 
+#: (flag, attribute, least, most) of the float options: an interval of 0 or an infinite horizon never ends,
+#: a horizon of 0 divides by zero, and the interval's floor is the CC's (as a spec's interval_s).
+FLOAT_RANGES = (("--hours", "hours", 0.0, 1000.0), ("--interval", "interval", 1.0, 3600.0),
+                ("--scale", "scale", 0.0, 100.0))
 
-def run(args: argparse.Namespace) -> int:
+
+def check(args: argparse.Namespace) -> None:
+    """Refuse options the simulation cannot run (or finish), before it starts."""
     for flag, value in (("--pms", args.pms), ("--vms", args.vms), ("--repeats", args.repeats)):
         if value < 1:
             raise InputError(f"{flag}: must be >= 1, not {value}")
+    for flag, name, least, most in FLOAT_RANGES:
+        value = getattr(args, name)
+        if not (math.isfinite(value) and least <= value <= most and value > 0):
+            low = "> 0" if least == 0 else f">= {least:g}"
+            raise InputError(f"{flag}: must be {low} and <= {most:g}, not {value:g}")
+
+
+def run(args: argparse.Namespace) -> int:
+    check(args)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from testbed.sim.calibration import Calibration
     from testbed.sim.executor import Cluster, scenario

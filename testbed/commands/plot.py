@@ -8,6 +8,9 @@ line per figure.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from testbed.errors import InputError
 
@@ -29,9 +32,22 @@ def import_analysis():
     return data, plots, report
 
 
+@contextmanager
+def file_errors() -> Iterator[None]:
+    """A file that cannot be read or written (permissions, a full disk, a file where a directory
+    belongs) is one line naming it, not a traceback."""
+    try:
+        yield
+    except OSError as err:
+        raise InputError(f"{err.filename or 'output'}: {err.strerror or err}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     data, plots, _ = import_analysis()
-    figures = plots.plot_all(data.load(args.results), args.out)
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise InputError(f"--out {args.out}: not a directory")
+    with file_errors():
+        figures = plots.plot_all(data.load(args.results), args.out)
     for figure in figures:
         print(f"{figure.files[0].with_suffix('')}.{{png,svg,json}}  {figure.kind}  ({len(figure.run_ids)} runs)")
     if not figures:

@@ -5,8 +5,10 @@ lab facts of the manifest. Needs no lab; also (re)writes the figures into DIR/fi
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from testbed.commands.plot import import_analysis
+from testbed.commands.plot import file_errors, import_analysis
+from testbed.errors import InputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,5 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _, _, report = import_analysis()
-    print(report.write_report(args.results, args.out))
+    if args.out is not None and Path(args.out).is_dir():
+        raise InputError(f"--out {args.out}: is a directory (name the page's file)")
+    with file_errors():
+        print(report.write_report(args.results, args.out))
     return 0

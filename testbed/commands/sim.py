@@ -103,19 +103,24 @@ def run_simulated(args: argparse.Namespace) -> int:
 
 def _study(args: argparse.Namespace) -> int:
     from testbed.sim.calibration import load_calibration
-    from testbed.sim.study import load_study, run_study
+    from testbed.sim.study import load_study, run_study, study_with
 
-    study = load_study(args.file)
+    study = study_with(load_study(args.file), args.file, sizes=args.sizes, reps=args.reps)
     cal, name = load_calibration(args.calibration)
     out = args.results or Path("results") / study.name
-    run_study(study, out, cal, name, sizes=args.sizes, reps=args.reps)
+    run_study(study, out, cal, name)
     print(f"SIMULATED study {study.name}: {out}/summary.csv, {out}/figures/scale_study.png")
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
+    import math
+
+    from testbed.errors import InputError
     from testbed.sim.validate import compare, render
 
+    if not (math.isfinite(args.bound) and args.bound >= 0):
+        raise InputError(f"--bound: a difference in percent, finite and >= 0, not {args.bound:g}")
     table = compare(args.real, args.sim, args.bound)
     print(render(table, args.bound))
     return 0 if bool(table["within"].all()) else 1

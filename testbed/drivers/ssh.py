@@ -18,7 +18,27 @@ from pathlib import Path
 
 import paramiko
 
+from testbed.errors import InputError
+
 CONNECT_TIMEOUT_S = 10.0
+
+
+def ssh_client(known_hosts: Path | None) -> paramiko.SSHClient:
+    """A client that talks only to hosts whose key it already knows (RejectPolicy): a host that
+    answers with an unknown key is refused, never trusted on first use, since the token and root
+    commands go over these connections. The keys: the lab's known_hosts (the embedded lab's is
+    written by the lab_host role from the hosts' keys), or with None the user's ~/.ssh/known_hosts,
+    where a real lab's hosts are once ssh or Ansible has been told to trust them."""
+    client = paramiko.SSHClient()
+    if known_hosts is None:
+        client.load_system_host_keys()
+    elif known_hosts.exists():
+        # Read-only: load_host_keys would make paramiko rewrite ssh's file.
+        client.get_host_keys().load(str(known_hosts))
+    else:
+        raise InputError(f"{known_hosts}: no such known_hosts file; provision the lab first (testbed lab up)")
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    return client
 
 
 class RemoteError(RuntimeError):
@@ -32,7 +52,7 @@ class RemoteError(RuntimeError):
 
 @dataclass(frozen=True)
 class SshTarget:
-    """How to reach a host: the lab's address, root, and the lab key."""
+    """How to reach a host: the lab's address, root, the lab key, the host keys (ssh_client)."""
 
     address: str
     key_file: Path
@@ -53,11 +73,7 @@ class Remote:
         with self._lock:
             transport = self._client.get_transport() if self._client else None
             if transport is None or not transport.is_active():
-                client = paramiko.SSHClient()
-                if self.target.known_hosts and self.target.known_hosts.exists():
-                    # Read-only: load_host_keys would make paramiko rewrite ssh's file.
-                    client.get_host_keys().load(str(self.target.known_hosts))
-                client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+                client = ssh_client(self.target.known_hosts)
                 client.connect(
                     self.target.address,
                     port=self.target.port,

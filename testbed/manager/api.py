@@ -1,7 +1,10 @@
 """The HTTP+JSON API between the Central Controller, the Local Controllers and the runner.
 
-FastAPI publishes the schema of both daemons at /openapi.json (and /docs); every other route
-requires `Authorization: Bearer <token>`, the per-lab secret in a 0600 file. Names of VMs and
+FastAPI publishes the schema of both daemons at /openapi.json, on purpose without the token: it
+describes the routes (what the source code says), never state or secrets, and a client can check
+what it talks to before it holds a token. The interactive /docs and /redoc pages are off (they load
+their scripts from a CDN; the lab network has no browser). Every other route requires
+`Authorization: Bearer <token>`, the per-lab secret in a 0600 file. Names of VMs and
 hosts are validated here, at the boundary, so that nothing unvalidated ever reaches a driver's
 command line."""
 
@@ -200,7 +203,8 @@ def make_app(title: str, token: str, start: Callable[[], None], stop: Callable[[
         yield
         await asyncio.to_thread(stop)
 
-    return FastAPI(title=title, version="1", lifespan=lifespan, dependencies=[Depends(bearer_guard(token))])
+    return FastAPI(title=title, version="1", lifespan=lifespan, dependencies=[Depends(bearer_guard(token))],
+                   docs_url=None, redoc_url=None)
 
 
 class ManagerClient:

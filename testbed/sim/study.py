@@ -15,14 +15,14 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from testbed.errors import InputError, describe_validation_error
-from testbed.results import ResultsStore, RunRow, write_atomic
+from testbed.results import ResultsStore, RunRow, make_dir, write_atomic
 from testbed.runner.layouts import counts_for
 from testbed.sim.calibration import Calibration
 from testbed.sim.executor import SIMULATED_NOTE, Cluster, SimExecutor, run_result, scenario
@@ -56,6 +56,10 @@ class PolicyChoice(BaseModel):
         return "-".join([self.policy, *(f"{k}{v:g}" for k, v in sorted(self.params.items()))])
 
 
+Positive = Annotated[int, Field(ge=1)]
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
 class Study(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
@@ -63,17 +67,17 @@ class Study(BaseModel):
     simulated: Literal[True] = True
     app: Literal["synthetic1", "synthetic-random"] = "synthetic-random"
     instances: int = Field(1, ge=1)
-    scale: float = Field(1.0, gt=0)
+    scale: float = Field(1.0, gt=0, le=100)  # as a spec's
     vcpus: int = Field(2, ge=1)
     memory_mb: int = Field(100, ge=1)
-    sizes: list[int] = Field(min_length=1)  # PMs
+    sizes: list[Positive] = Field(min_length=1)  # PMs
     vms_per_pm: int = Field(3, ge=1)
     layout: Literal["third", "unbalanced", "balanced"] = "third"
     policies: list[PolicyChoice] = Field(min_length=1)
     modes: list[Literal["precopy", "stopcopy", "postcopy"]] = Field(["precopy"], min_length=1)
-    concurrency: list[int] = Field([1], min_length=1)
-    interval_s: float = Field(10.0, ge=1)
-    cooldown_s: float = Field(60.0, ge=0)
+    concurrency: list[Positive] = Field([1], min_length=1)
+    interval_s: float = Field(10.0, ge=1, allow_inf_nan=False)
+    cooldown_s: Seconds = 60.0
     repetitions: int = Field(3, ge=1)
     seed: int = 0
 
@@ -110,6 +114,16 @@ def load_study(path: str | Path) -> Study:
     return study
 
 
+def study_with(study: Study, source: str, sizes: list[int] | None = None, reps: int | None = None) -> Study:
+    """The study with the command line's --sizes and --reps, validated like the file (a size of 0
+    or -3 would make empty or `-3pms` result directories, 0 repetitions nothing at all)."""
+    changes = {k: v for k, v in (("sizes", sizes), ("repetitions", reps)) if v is not None}
+    try:
+        return Study.model_validate(study.model_dump() | changes)
+    except ValidationError as err:
+        raise InputError(describe_validation_error(err, f"{source} (command line)")) from None
+
+
 def _seed(study: Study, rep: int, vm: int) -> int:
     return (study.seed * 1_000_003 + rep * 10_007 + vm) % 2**31
 
@@ -119,21 +133,20 @@ def run_study(
     out: Path,
     cal: Calibration,
     calibration_name: str,
-    sizes: list[int] | None = None,
-    reps: int | None = None,
     log=print,
 ) -> list[dict[str, Any]]:
-    """Simulate every cell; write the per-cell results dirs, summary.csv and the figures."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Simulate every cell; write the per-cell results dirs, summary.csv and the figures (command
+    line overrides of sizes and repetitions: study_with)."""
+    make_dir(out)
     rows: list[dict[str, Any]] = []
     manifest_extra = SimExecutor(cal, calibration_name).manifest_fields()
-    for pms in sizes or study.sizes:
+    for pms in study.sizes:
         placement = study.placement(pms)
         for choice in study.policies:
             for mode, conc in _cells(study, choice):
                 with ResultsStore(out / f"{pms}pms" / _dir_name(choice, mode, conc)) as store:
                     _open(store, study, pms, choice, mode, conc, manifest_extra)
-                    for rep in range(1, (reps or study.repetitions) + 1):
+                    for rep in range(1, study.repetitions + 1):
                         row = _one(
                             study, store, pms, placement, choice, mode, conc, rep, cal, calibration_name
                         )

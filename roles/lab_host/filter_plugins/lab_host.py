@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 
 from testbed.lab import parse_rate
@@ -31,10 +32,22 @@ def lab_host_in_network(address: str, network: str) -> bool:
     return addr in net and addr not in (net.network_address, net.broadcast_address)
 
 
+def lab_host_known_hosts(slurped: list[dict]) -> str:
+    """The lab's known_hosts, `ADDRESS TYPE KEY` per host, from slurp results of the hosts' public
+    host keys (looped over lab_host_specs): the controller's ssh, Ansible and paramiko check every
+    lab host against it, so no connection trusts a key on first use."""
+    lines = []
+    for result in slurped:
+        kind, key = base64.b64decode(result["content"]).decode().split()[:2]
+        lines.append(f"{result['item']['address']} {kind} {key}")
+    return "".join(f"{line}\n" for line in lines)
+
+
 class FilterModule:
     def filters(self):
         return {
             "lab_host_rate_bps": lab_host_rate_bps,
             "lab_host_is_rate": lab_host_is_rate,
             "lab_host_in_network": lab_host_in_network,
+            "lab_host_known_hosts": lab_host_known_hosts,
         }
