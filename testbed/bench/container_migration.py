@@ -36,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--mode {args.mode}: containers migrate by stop-and-copy only (--mode stopcopy)")
     if args.memory < MIN_MEMORY_MB:
         raise InputError(f"--memory {args.memory}: a container needs at least {MIN_MEMORY_MB} MB")
+    for flag, given in (("--verify-memory", args.verify_memory), ("--migrations", args.migrations != 1)):
+        if given:
+            raise InputError(f"{flag}: QEMU only")
     return bench(args, ContainerDriver, _migrate_busy_container, _summary,
                  extra=lambda record: {"dump_bytes": record.details.get("dump_bytes")})
 

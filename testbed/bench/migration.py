@@ -29,6 +29,7 @@ from testbed.lab import DEFAULT_INVENTORY, Lab, LabHost, load_lab, parse_rate
 #: Synthetic1 blocks for the bench's CPU loop: far more than a bench lasts, still bounded.
 BENCH_BLOCKS = 2_000_000
 REPORT_EVERY = 100
+MAX_MIGRATIONS = 200  # --migrations: bounded, as every loop here
 #: The memory writer stops by itself after this long (s), whatever happens to the bench.
 WRITER_SECONDS = 900
 #: tbf bucket as the lab_host role sizes it: 10 ms of traffic, at least 16 kB, 50 ms queue.
@@ -46,7 +47,11 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--compress bzip2: QEMU compresses migration streams with zstd only")
     if args.memory < MIN_MEMORY_MB:
         raise InputError(f"--memory {args.memory}: the guest needs at least {MIN_MEMORY_MB} MB")
-    return bench(args, QemuDriver, _migrate_busy_vm, _summary)
+    if not 1 <= args.migrations <= MAX_MIGRATIONS:
+        raise InputError(f"--migrations {args.migrations}: must be within 1..{MAX_MIGRATIONS}")
+    if args.verify_memory and args.mode == "postcopy":
+        raise InputError("--verify-memory: in post-copy the destination runs before it holds every page")
+    return bench(args, QemuDriver, _migrate_busy_vm, _summary, extra=_ram_checks)
 
 
 def bench(args: argparse.Namespace, make_driver: Callable[[list[Host]], D],
@@ -85,16 +90,39 @@ def bench(args: argparse.Namespace, make_driver: Callable[[list[Host]], D],
 
 def _migrate_busy_vm(driver: QemuDriver, vm: str, destination: Host,
                      args: argparse.Namespace) -> tuple[MigrationRecord, bool]:
+    """Migrate the busy VM --migrations times, PM1 -> PM2 -> PM1 ...; the last record, with the
+    RAM comparison of every migration (--verify-memory) in its details."""
     loop = driver.start_workload(vm, ["synthetic1", str(BENCH_BLOCKS), str(REPORT_EVERY)])
     if args.dirty_mbps > 0:
         size = max(8, args.memory // 2)
         driver.start_workload(vm, ["memwriter", str(size), f"{args.dirty_mbps:g}", str(WRITER_SECONDS)])
     wait_blocks(driver, loop, after=0.0, count=2)
     compression = None if args.compress == "none" else args.compress
-    record = driver.migrate(vm, destination.name, MigrationMode(args.mode), compression=compression)
+    ends = [destination.name, driver.hosts()[0].name]
+    checks: list[object] = []
+    for k in range(args.migrations):
+        record = driver.migrate(vm, ends[k % 2], MigrationMode(args.mode), compression=compression,
+                                verify_memory=args.verify_memory)
+        checks.append(record.details.get("ram_check"))
+        if record.status != "completed":
+            break
+        wait_blocks(driver, loop, after=record.start + record.total_time_s, count=1)
+    record.details["ram_checks"] = checks
     if record.status != "completed":
         return record, False
     return record, continued(driver, loop, record)
+
+
+def _ram_checks(record: MigrationRecord) -> dict[str, object]:
+    """The JSON line's integrity figures, summed over the migrations (--verify-memory)."""
+    checks = [c for c in record.details.get("ram_checks", []) if isinstance(c, dict)]
+    if not checks:
+        return {}
+    return {"pages_compared": sum(c["pages_compared"] for c in checks),
+            "pages_differ": sum(c["pages_differ"] for c in checks),
+            "migrations_verified": len(checks),
+            "migrations_losing_pages": sum(1 for c in checks if c["pages_differ"]),
+            "first_differing": next((c["first_differing"] for c in checks if c["pages_differ"]), [])}
 
 
 def continued(driver: QemuDriver, run: WorkloadRun, record: MigrationRecord) -> bool:

@@ -23,6 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     migration.add_argument("--memory", type=int, default=128, help="guest memory, MB")
     migration.add_argument("--dirty-mbps", type=float, default=0.0, help="memory dirtied per second, MB")
     migration.add_argument("--compress", choices=["none", "bzip2", "zstd"], default="none")
+    migration.add_argument("--verify-memory", action="store_true",
+                           help="QEMU: compare source and destination RAM page by page after each migration")
+    migration.add_argument("--migrations", type=int, default=1, metavar="N",
+                           help="QEMU: migrate N times, back and forth between PM1 and PM2 (default 1)")
     migration.add_argument("-i", "--inventory", default=None, help="lab inventory (default: inventory/local)")
     migration.set_defaults(func=_run_migration)
 

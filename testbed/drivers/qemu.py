@@ -47,6 +47,7 @@ from testbed.drivers.base import (
     VMSpec,
     WorkloadRun,
 )
+from testbed.drivers.qemu_memcheck import RamComparison, compare_ram
 from testbed.drivers.qemu_snapshot import BootSnapshots, pass_fd
 
 STATE_DIR = Path("/var/lib/testbed/vms")
@@ -518,7 +519,8 @@ class QemuDriver:
         for controller in VM_CONTROLLERS:
             cgroups.remove(host.cgroup(controller) / vm)
 
-    def _qemu_argv(self, spec: VMSpec, host: Host, instance: _Instance, incoming: bool) -> list[str]:
+    def _qemu_argv(self, spec: VMSpec, host: Host, instance: _Instance, incoming: bool,
+                   paused: bool = False) -> list[str]:
         argv = [
             QEMU,
             "-name", f"{spec.name},debug-threads=on",
@@ -539,11 +541,14 @@ class QemuDriver:
         ]
         if incoming:
             argv += ["-incoming", "defer"]
+        if paused:  # stays paused after an incoming migration until `cont`
+            argv += ["-S"]
         if host.netns is not None:
             argv = ["ip", "netns", "exec", host.netns, *argv]
         return argv
 
-    def _launch(self, spec: VMSpec, host: Host, instance: _Instance, incoming: bool) -> None:
+    def _launch(self, spec: VMSpec, host: Host, instance: _Instance, incoming: bool,
+                paused: bool = False) -> None:
         """Start QEMU on the PM: in its cgroups first, then in its namespace (see module doc).
 
         QEMU stays this process's child (no -daemonize, whose double fork leaves the process
@@ -558,7 +563,7 @@ class QemuDriver:
         instance.remove_files()
         with instance.log.open("w") as log:
             process = subprocess.Popen(
-                [*cgroups.join_then_exec(procs), *self._qemu_argv(spec, host, instance, incoming)],
+                [*cgroups.join_then_exec(procs), *self._qemu_argv(spec, host, instance, incoming, paused)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -672,9 +677,12 @@ class QemuDriver:
     # --- migration ---------------------------------------------------------------------------
 
     def migrate(self, vm: str, destination: str, mode: MigrationMode, *,
-                compression: str | None = None) -> MigrationRecord:
+                compression: str | None = None, verify_memory: bool = False) -> MigrationRecord:
         """Migrate in `mode`; `compression` ("zstd" or "zlib") sends the memory over QEMU's
-        multifd channels compressed (not with post-copy, which QEMU 7.2 cannot combine)."""
+        multifd channels compressed (not with post-copy, which QEMU 7.2 cannot combine).
+        `verify_memory` compares both sides' RAM page by page before the destination runs
+        (testbed.drivers.qemu_memcheck; the VM stays paused meanwhile, so its downtime grows by
+        the `verify_s` phase) and reports it in the record's details (`ram_check`)."""
         mode = MigrationMode(mode)
         spec, source = self._load(vm)
         if destination == source:
@@ -683,8 +691,10 @@ class QemuDriver:
             raise QemuError(f"compression {compression!r}: QEMU offers zstd or zlib")
         if compression and mode is MigrationMode.POSTCOPY:
             raise QemuError("compression: QEMU 7.2 cannot combine multifd compression with post-copy")
+        if verify_memory and mode is MigrationMode.POSTCOPY:
+            raise QemuError("verify_memory: in post-copy the destination runs before it holds every page")
         src_host, dst_host = self._host(source), self._host(destination)
-        return asyncio.run(_Migration(self, spec, src_host, dst_host, mode, compression).run())
+        return asyncio.run(_Migration(self, spec, src_host, dst_host, mode, compression, verify_memory).run())
 
     def _adopt(self, spec: VMSpec, source: Host, destination: Host) -> None:
         """After a migration: the destination is the VM's home; the source process goes."""
@@ -714,9 +724,11 @@ class _Migration:
     """One migration, step by step; every failure ends in `_fail` with the VM on the source."""
 
     def __init__(self, driver: QemuDriver, spec: VMSpec, source: Host, destination: Host,
-                 mode: MigrationMode, compression: str | None) -> None:
+                 mode: MigrationMode, compression: str | None, verify_memory: bool = False) -> None:
         self.driver = driver
         self.compression = compression
+        self.verify_memory = verify_memory
+        self.ram_check: RamComparison | None = None
         self.spec = spec
         self.source = source
         self.destination = destination
@@ -741,7 +753,7 @@ class _Migration:
     async def _migrate(self) -> MigrationRecord:
         postcopy = self.mode is MigrationMode.POSTCOPY
         t = time.time()
-        self.driver._launch(self.spec, self.destination, self.dst, incoming=True)
+        self.driver._launch(self.spec, self.destination, self.dst, incoming=True, paused=self.verify_memory)
         await self.driver._confine_vcpus(self.spec, self.destination, self.dst)
         console = self.driver._consoles.get(self.spec.name)
         if console is not None:  # this process holds the console: follow the VM at once
@@ -780,7 +792,11 @@ class _Migration:
 
             t = time.time()
             await _wait_left_inmigrate(dst)
-            if self.mode is MigrationMode.STOPCOPY:
+            if self.verify_memory:
+                verified = time.time()
+                self.ram_check = await compare_ram(src, dst, self.dst.vm_dir)
+                self.phases["verify_s"] = time.time() - verified
+            if self.mode is MigrationMode.STOPCOPY or self.verify_memory:
                 await dst.execute("cont")
             resumed = await _event_time(dst_events, timeout_s=30)
             running = time.time()
@@ -830,6 +846,7 @@ class _Migration:
                 # What the source PM's lab interface sent meanwhile (all its traffic): with
                 # compression the only measure of the wire, as QEMU counts payload bytes.
                 "wire_bytes": self.wire_bytes,
+                **({"ram_check": self.ram_check.as_dict()} if self.ram_check else {}),
             },
         )
 

@@ -319,7 +319,8 @@ class LabExecutor:
         sampler.start(started_at)
         self.log("workloads")
         jobs = [(vm, chain) for vm in run.placement for chain in chains(run, vm)]
-        with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="workload") as pool:
+        pool = ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="workload")
+        try:
             futures = {
                 pool.submit(_run_chain, driver, vm, chain, run.spec.start_delay_s.get(vm, 0.0) * run.spec.scale,
                             deadline, per_vm[vm], lock): vm
@@ -328,6 +329,12 @@ class LabExecutor:
             for future, vm in futures.items():
                 if (err := future.exception()) is not None:  # waits for the chain to end
                     per_vm[vm].errors.append(f"{type(err).__name__}: {err}")
+        except BaseException:
+            # Ctrl-C or SIGTERM: do not wait for the chains (up to the run's timeout); the caller
+            # destroys the VMs next, which ends them.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         ends = [w.end for r in per_vm.values() for w in r.runs if w.end is not None]
         finished_at = max(ends, default=time.time())
         samples = sampler.stop()
