@@ -39,3 +39,13 @@ def test_image_is_built_once_and_rebuilt_when_an_input_changes(tmp_path: Path) -
     (workloads / "workload.h").write_text((workloads / "workload.h").read_text() + "\n")
     assert _build(workloads, out) == "changed"  # a header the workloads include is an input too
 
+    good = (out / "vmlinux").read_bytes()
+    with (out / "vmlinux").open("r+b") as damaged:  # a cache damaged after it was built ...
+        damaged.truncate(len(good) // 2)
+    assert _build(workloads, out) == "changed"  # ... is rebuilt, not reused
+    assert (out / "vmlinux").read_bytes() == good
+    (out / "outputs.sha256").unlink()  # an image without the record of its outputs is not trusted
+    assert _build(workloads, out) == "changed"
+    assert _build(workloads, out) == "unchanged"
+    assert not list(out.glob("*.new"))
+
