@@ -8,7 +8,7 @@ run the clean VM a boot gives, in about a second: under TCG, seven boots one aft
 depends on how its VMs came to be running; each still gets its own QEMU process, disk and cgroups.
 
 The key holds everything the guest could have seen at boot: the image's inputs, the accelerator,
-the QEMU binary, memory, vCPUs and the disk's virtual size. A disk with a backing file (a root file
+the QEMU binary, memory (with the driver's padding), vCPUs and the disk's virtual size. A disk with a backing file (a root file
 system the guest mounts at boot) or one with data written is not blank: such VMs always boot.
 
 A snapshot is a cache, and a damaged one must never be used nor kept (issue #13: three PMs booting
@@ -65,6 +65,7 @@ class BootSnapshots:
     image_dir: Path
     accel: str
     qemu: str
+    ram_pad_kib: int = 0  # KiB the driver adds to every guest's RAM (testbed.drivers.qemu)
     #: Files already checked against their digest, by (path, inode, size, mtime): a published
     #: snapshot is never rewritten in place (a new one is a new inode), so one check suffices.
     _verified: set[tuple[str, int, int, int]] = field(default_factory=set, compare=False, repr=False)
@@ -79,7 +80,8 @@ class BootSnapshots:
         size = _blank_disk_size(disk)
         if size is None:
             return None
-        key = json.dumps([FORMAT, self._image_id(), self.accel, self._qemu_id(), memory_mb, vcpus, size])
+        key = json.dumps([FORMAT, self._image_id(), self.accel, self._qemu_id(), memory_mb, self.ram_pad_kib,
+                          vcpus, size])
         name = f"{self._image_id()[:12]}-{memory_mb}m-{vcpus}c-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
         return self.directory / f"{name}{SUFFIX}"
 
