@@ -390,11 +390,14 @@ def test_the_pinned_ansible_core_2_12_reads_the_2010_site_playbook() -> None:
 
 
 @pytest.mark.lab
-def test_remote_commands_and_workloads_on_a_debian_host(debian_hosts: None) -> None:
+def test_remote_commands_and_workloads_on_a_debian_host(debian_hosts: None, tmp_path: Path) -> None:
     """The real-lab drivers' SSH layer on a real host: argv words arrive intact (no shell
-    interpretation), and the workload launcher records start, output, status and end."""
+    interpretation), and the workload launcher records start, output, status and end. The host's
+    key is read from its own root file system, not over the network: the drivers refuse hosts whose
+    key they do not know (testbed.drivers.ssh.ssh_client)."""
     from testbed.drivers.base import Host
     from testbed.drivers.remote_base import RemoteDriverBase
+    from testbed.errors import InputError
 
     class OnThePM(RemoteDriverBase):  # the PM itself stands in for the VM
         def vm_host(self, vm: str) -> str:
@@ -403,7 +406,13 @@ def test_remote_commands_and_workloads_on_a_debian_host(debian_hosts: None) -> N
         def guest_argv(self, vm: str, argv: list[str]) -> list[str]:
             return list(argv)
 
-    driver = OnThePM([Host("tr-pm1", TEST_HOSTS["tr-pm1"], 0.5, 4)], KEY)
+    pm = [Host("tr-pm1", TEST_HOSTS["tr-pm1"], 0.5, 4)]
+    kind, key = (KEY.parent / "pm1/merged/etc/ssh/ssh_host_ed25519_key.pub").read_text().split()[:2]
+    known = tmp_path / "known_hosts"
+    known.write_text(f"{TEST_HOSTS['tr-pm1']} {kind} {key}\n")
+    with pytest.raises(InputError, match="no such known_hosts"):
+        OnThePM(pm, KEY, tmp_path / "absent").remote("tr-pm1").run(["true"])
+    driver = OnThePM(pm, KEY, known)
     remote = driver.remote("tr-pm1")
     assert remote.run(["printf", "%s|", "a b", "$(id)", "; echo no"]) == "a b|$(id)|; echo no|"
     assert [line for _, line in remote.stream(["sh", "-c", "echo one; echo two >&2"])] == ["one", "two"]
