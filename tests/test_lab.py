@@ -97,3 +97,23 @@ def test_parse_rate_uses_tc_si_units(value: int, unit: str) -> None:
 def test_parse_rate_refuses_what_tc_would_not_take(rate: str) -> None:
     with pytest.raises(ValueError):
         parse_rate(rate)
+
+
+def test_a_failed_task_is_reported_with_its_commands_last_error_line() -> None:
+    """"non-zero return code" alone sends the reader to the artifacts; the command's first stderr
+    line naming an error (else its last line) usually says what went wrong."""
+    from testbed.commands.lab import Progress
+
+    progress = Progress()
+    progress.handle({"event": "runner_on_failed", "event_data": {
+        "host": "tb-pm1", "task": "Build the guest image",
+        "res": {"msg": "non-zero return code", "stderr": "In file included from x.c:1:\nx.h:3: error: 'f' defined but not used\n"
+                                                       "cc1: all warnings being treated as errors"}}})
+    progress.handle({"event": "runner_on_failed", "event_data": {
+        "host": "tb-pm3", "task": "Probe", "res": {"msg": "non-zero return code", "stderr": "no kvm\n"}}})
+    progress.handle({"event": "runner_on_failed", "event_data": {
+        "host": "tb-pm2", "task": "Copy", "res": {"msg": "Destination not writable"}}})
+    assert progress.failures == [
+        "tb-pm1: Build the guest image: non-zero return code (x.h:3: error: 'f' defined but not used)",
+        "tb-pm3: Probe: non-zero return code (no kvm)",
+        "tb-pm2: Copy: Destination not writable"]

@@ -14,17 +14,11 @@
 
 #include "workload.h"
 
-#define TICK_NS 100000000L /* rewrite in 10 slices a second to keep the rate smooth */
-
 int main(int argc, char **argv)
 {
-    if (argc != 4) {
-        fprintf(stderr, "usage: memwriter SIZE_MB RATE_MBPS SECONDS\n");
-        return 2;
-    }
-    size_t size = (size_t)parse_number("memwriter", argv[1], "SIZE_MB", 1) << 20;
-    double rate = parse_number("memwriter", argv[2], "RATE_MBPS", 0);
-    double seconds = parse_number("memwriter", argv[3], "SECONDS", 0);
+    struct dirtier args = parse_dirtier("memwriter", argc, argv);
+    size_t size = args.size;
+    double rate = args.rate, seconds = args.seconds;
     unsigned char *area = malloc(size);
     if (area == NULL) {
         fprintf(stderr, "memwriter: cannot allocate %zu bytes\n", size);
@@ -34,7 +28,7 @@ int main(int argc, char **argv)
     memset(area, 1, size);
     printf("allocated %zu\n", size >> 20);
 
-    size_t slice = (size_t)(rate * (1 << 20) / (1e9 / TICK_NS));
+    size_t slice = (size_t)(rate * (1 << 20) / TICKS_PER_S);
     size_t offset = 0;
     double written = 0, start = now_s(), next_report = start + 1;
     unsigned char value = 2;
@@ -54,13 +48,7 @@ int main(int argc, char **argv)
             printf("written %.0f\n", written);
             next_report += 1;
         }
-        /* absolute deadlines: the time memset takes does not slow the rate down */
-        due.tv_nsec += TICK_NS;
-        if (due.tv_nsec >= 1000000000L) {
-            due.tv_sec++;
-            due.tv_nsec -= 1000000000L;
-        }
-        clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &due, NULL);
+        next_tick(&due);
     }
     printf("done %.0f\n", written);
     return 0;

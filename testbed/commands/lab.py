@@ -97,8 +97,12 @@ class Progress:
             outcome = "ok"
         self.hosts.setdefault(host, Counter())[outcome] += 1
         if outcome in ("failed", "unreachable"):
-            message = result.get("msg") or result.get("stderr") or "failed"
-            self.failures.append(f"{host}: {data.get('task', self.task)}: {str(message).strip()}")
+            message = str(result.get("msg") or result.get("stderr") or "failed").strip()
+            errors = [line.strip() for line in str(result.get("stderr") or "").splitlines() if line.strip()]
+            said = next((line for line in errors if "error" in line.lower()), errors[-1] if errors else "")
+            if said and said not in message:  # a command's own words say more than "non-zero return code"
+                message += f" ({said})"
+            self.failures.append(f"{host}: {data.get('task', self.task)}: {message}")
 
     def render(self) -> Group:
         table = Table(title=None, box=None, pad_edge=False)
@@ -141,11 +145,12 @@ def run_playbook(playbook: Path, inventory: Path, console: Console | None = None
 
     started = time.monotonic()
     artifacts = provisioning.artifacts_dir(inventory)
+    ident = provisioning.new_ident(playbook)
     with tempfile.TemporaryDirectory(prefix="testbed-runner-") as tmp, live or nullcontext():
         result = ansible.run(
             private_data_dir=tmp,
             artifact_dir=str(artifacts),  # kept: a campaign's provenance archives the newest
-            ident=provisioning.new_ident(playbook),
+            ident=ident,
             project_dir=str(REPO),
             playbook=str(playbook),
             inventory=str(Path(inventory).resolve()),
@@ -158,6 +163,6 @@ def run_playbook(playbook: Path, inventory: Path, console: Console | None = None
     for failure in progress.failures:
         console.print(f"[red]failed[/red] {failure}")
     seconds = time.monotonic() - started
-    verdict = "done" if result.rc == 0 else f"failed (ansible-playbook exit {result.rc})"
+    verdict = "done" if result.rc == 0 else f"failed (ansible-playbook exit {result.rc}; its whole output: {artifacts / ident / 'stdout'})"
     console.print(f"{playbook.name}: {verdict} in {seconds:.1f} s")
     return PlaybookResult(result.rc, progress.hosts, progress.failures, seconds)
