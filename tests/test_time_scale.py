@@ -118,3 +118,4 @@ def test_a_campaign_from_before_the_time_scale_reads_its_specs_interval():
     assert manager_interval_s({"spec": {"balancer": {"interval_s": 10.0}}}) == 10.0
     assert manager_interval_s({"spec": {"balancer": {"interval_s": 10.0}}, "manager_times": {"interval_s": 3}}) == 3
     assert manager_interval_s({}) is None
+    assert manager_interval_s({"spec": {"balancer": {"interval_s": 10.0, "time_scale": "auto"}}}) is None

@@ -190,11 +190,14 @@ def run_means(c: Campaign) -> pd.DataFrame:
 
 def manager_interval_s(manifest: dict[str, Any]) -> float | None:
     """The CC's effective interval of a campaign: as recorded (`manager_times`, since issue #16),
-    else its spec's `balancer.interval_s` (the CC ran it unscaled then); None without a spec."""
-    recorded = manifest.get("manager_times") or {}
-    spec_balancer = (manifest.get("spec") or {}).get("balancer") or {}
-    interval = recorded.get("interval_s", spec_balancer.get("interval_s"))
-    return None if interval is None else float(interval)
+    else its unscaled spec's `balancer.interval_s`; None when unknown (no spec, or a time-scaled
+    spec whose times were not recorded: they depend on the lab's link)."""
+    if "manager_times" in manifest:
+        return float(manifest["manager_times"]["interval_s"])
+    balancer = (manifest.get("spec") or {}).get("balancer") or {}
+    if balancer.get("time_scale") is not None or "interval_s" not in balancer:
+        return None
+    return float(balancer["interval_s"])
 
 
 def interval_table(c: Campaign, interval_s: float) -> pd.DataFrame:

@@ -197,10 +197,8 @@ def _with_n(table: pd.DataFrame) -> pd.DataFrame:
 
 def _drawn_bars(table: pd.DataFrame, order: Sequence[str]) -> list[dict[str, Any]]:
     """The bars of a per-VM figure in drawing order (VM, then variant), for its sidecar."""
-    drawn = []
-    for row in table.itertuples():
-        drawn.append({"vm": row.vm, "variant": row.label, "mean_s": float(row.mean),
-                      "sd_s": None if pd.isna(row.std) else float(row.std), "n": int(row.n)})
+    drawn = [{"vm": row.vm, "variant": row.label, "mean_s": float(row.mean),
+              "sd_s": None if pd.isna(row.std) else float(row.std), "n": int(row.n)} for row in table.itertuples()]
     return sorted(drawn, key=lambda bar: (_natural(bar["vm"]), order.index(bar["variant"])))
 
 

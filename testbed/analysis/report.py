@@ -105,8 +105,8 @@ def _manager_time(c: Campaign) -> str:
         return ""
     times = c.manifest.get("manager_times")
     if times is None:
-        said = (f"No time scale recorded (a campaign from before <code>balancer.time_scale</code>): the CC ran "
-                f"the spec's interval, {interval:g} s, and cool-down, whatever the work's scale.")
+        said = (f"No time scale (or a campaign from before <code>balancer.time_scale</code>): the CC ran the "
+                f"spec's interval, {interval:g} s, and cool-down, whatever the work's scale.")
     else:
         floored = ", ".join(times.get("floored", [])) or "none"
         bounds = ", ".join(f"{k} {v:.3g} s" for k, v in sorted(times.get("floors", {}).items())) or "none (unscaled)"
