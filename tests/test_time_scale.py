@@ -56,6 +56,8 @@ def test_the_cooldown_floor_is_at_least_the_interval_on_a_fast_link():
 def test_a_floor_never_raises_a_time_above_the_specs_own():
     times = manager_times(_spec(0.1, time_scale="auto", interval_s=1.5, cooldown_s=0), MBIT_100)
     assert (times.interval_s, times.cooldown_s) == (1.5, 0.0)
+    slow_link = manager_times(_spec(0.5, time_scale="auto"), 10**7)  # copying 100 MB takes 84 s
+    assert slow_link.cooldown_s == 60.0 and slow_link.floored == ("cooldown_s",)
 
 
 def test_scaling_up_stops_at_the_longest_window_an_lc_keeps():
@@ -119,3 +121,28 @@ def test_a_campaign_from_before_the_time_scale_reads_its_specs_interval():
     assert manager_interval_s({"spec": {"balancer": {"interval_s": 10.0}}, "manager_times": {"interval_s": 3}}) == 3
     assert manager_interval_s({}) is None
     assert manager_interval_s({"spec": {"balancer": {"interval_s": 10.0, "time_scale": "auto"}}}) is None
+
+
+def test_the_lab_runner_gives_the_cc_the_scaled_times_and_asks_events_one_scaled_interval_back():
+    from types import SimpleNamespace
+
+    from testbed.runner.executor import LabExecutor
+
+    class CcStub:
+        def put(self, path, config):
+            self.config = config
+
+        def get(self, path, **query):
+            self.query = query
+            return []
+
+    executor = LabExecutor.__new__(LabExecutor)
+    executor.cc = CcStub()
+    executor.lab = SimpleNamespace(pms=[SimpleNamespace(link_rate_bps=MBIT_100), SimpleNamespace(link_rate_bps=5 * 10**7)])
+    spec = parse_spec({"name": "t", "techniques": ["qemu"], "scale": 0.5, "balancer": {"time_scale": "auto"}})
+    run = Run(spec, "qemu", next(v for v in spec.variants() if v.migration), 1)
+    config = executor._configure_cc(run, quiet=False)
+    assert (config.interval, config.cooldown) == (5.0, 30.0) and executor.cc.config == config
+    assert executor.manager_times(spec).floors["cooldown_s"] == copy_time_s(100, 5 * 10**7)  # the slowest link
+    executor._run_events(run, since=1000.0)
+    assert executor.cc.query["since"] == 995.0
