@@ -63,6 +63,19 @@ class Balancer(_Strict):
     cooldown_s: NonNegative = 60.0
     mode: Mode | None = None  # None: the technique's own (QEMU pre-copy, containers stop-and-copy)
     compression: Compression = "none"  # of every migration the CC orders (MIGRATION_COMPRESSION)
+    #: How the CC's interval, cool-down and settling follow the work's `scale`: None keeps them as
+    #: written at every scale; "auto" multiplies them by the run's scale; a number by that factor
+    #: (floored: testbed/runner/time_scale.py).
+    time_scale: Literal["auto"] | float | None = None
+
+    @field_validator("time_scale", mode="before")
+    @classmethod
+    def _time_scale(cls, value: object) -> object:
+        """One message for every wrong value (a union would list each member's complaint)."""
+        factor_ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 100
+        if value is None or value == "auto" or factor_ok:
+            return value
+        raise PydanticCustomError("spec", "{reason}", {"reason": f"must be auto or a factor in (0, 100], not {value!r}"})
 
     @model_validator(mode="after")
     def _policy_exists(self) -> Balancer:

@@ -97,7 +97,8 @@ def test_testbed_report_is_one_self_contained_page(campaign_dir, tmp_path):
     out = tmp_path / "page.html"
     assert main(["report", str(campaign_dir), "--out", str(out)]) == 0
     page = out.read_text()
-    assert page.count("<table>") == 2 and "<th>ci_low_s</th>" in page and "<th>welch_p</th>" in page
+    assert page.count("<table>") == 3 and "<th>ci_low_s</th>" in page and "<th>welch_p</th>" in page
+    assert "<th>run_over_interval</th>" in page and "No time scale" in page  # the manager's rounds per run (#16)
     assert page.count('src="data:image/png;base64,') == len(list((campaign_dir / "figures").glob("*.png")))
     assert "src=\"http" not in page and "<link" not in page
     assert "invalid: 1, ok: 18" in page and "&quot;pms&quot;: 3" in page

@@ -4,6 +4,7 @@ every bad field fails with one line naming it (exit 2 from the CLI path, InputEr
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -187,6 +188,7 @@ def test_balancer_compression_goes_into_every_variant_and_the_ccs_config():
 
     executor = LabExecutor.__new__(LabExecutor)
     executor.cc = CcStub()
+    executor.lab = SimpleNamespace(pms=[SimpleNamespace(link_rate_bps=100_000_000)])
     for technique, mode in (("qemu", "precopy"), ("container", "stopcopy")):
         config = executor._configure_cc(Run(spec, technique, variant, 1), quiet=False)
         assert config == executor.cc.put_config
@@ -194,7 +196,7 @@ def test_balancer_compression_goes_into_every_variant_and_the_ccs_config():
         assert CcConfig.model_validate(config.model_dump(mode="json")) == config  # what PUT /v1/config takes
 
 
-def test_campaigns_recorded_before_balancer_compression_existed_still_resume():
+def test_campaigns_recorded_before_balancer_compression_and_time_scale_existed_still_resume():
     import hashlib
     import json
 
@@ -202,7 +204,9 @@ def test_campaigns_recorded_before_balancer_compression_existed_still_resume():
 
     spec = parse_spec(BASE)
     before = json.loads(spec.model_dump_json(exclude={"repetitions", "description"}))
-    del before["balancer"]["compression"]  # a spec as dumped before the field was added
+    del before["balancer"]["compression"]  # a spec as dumped before the fields were added
+    del before["balancer"]["time_scale"]
     text = json.dumps(before, separators=(",", ":"))
     assert spec_fingerprint(spec) == hashlib.sha256(text.encode()).hexdigest()[:16]
     assert spec_fingerprint(parse_spec(BASE | {"balancer": {"compression": "zstd"}})) != spec_fingerprint(spec)
+    assert spec_fingerprint(parse_spec(BASE | {"balancer": {"time_scale": "auto"}})) != spec_fingerprint(spec)

@@ -176,11 +176,40 @@ def variant_label(row: Any, varying: frozenset[str] = frozenset()) -> str:
     return ", ".join(parts)
 
 
+def _per_run(c: Campaign, how: str) -> pd.DataFrame:
+    """One row per ok run with its VMs' execution times reduced by `how` (mean, max)."""
+    times = c.ok(c.vm_times)
+    return times.groupby(["run_id", "variant", *VARIANT_KEYS], as_index=False, dropna=False)["exec_time_s"].agg(how)
+
+
 def run_means(c: Campaign) -> pd.DataFrame:
     """One observation per ok run: the mean execution time over its VMs (VMs of one run are not
     independent samples, runs are)."""
-    times = c.ok(c.vm_times)
-    return times.groupby(["run_id", "variant", *VARIANT_KEYS], as_index=False, dropna=False)["exec_time_s"].mean()
+    return _per_run(c, "mean")
+
+
+def manager_interval_s(manifest: dict[str, Any]) -> float | None:
+    """The CC's effective interval of a campaign: as recorded (`manager_times`, since issue #16),
+    else its unscaled spec's `balancer.interval_s`; None when unknown (no spec, or a time-scaled
+    spec whose times were not recorded: they depend on the lab's link)."""
+    if "manager_times" in manifest:
+        return float(manifest["manager_times"]["interval_s"])
+    balancer = (manifest.get("spec") or {}).get("balancer") or {}
+    if balancer.get("time_scale") is not None or "interval_s" not in balancer:
+        return None
+    return float(balancer["interval_s"])
+
+
+def interval_table(c: Campaign, interval_s: float) -> pd.DataFrame:
+    """Per variant, how many balancer rounds a run lasts: the mean over ok runs of the run's
+    length (its longest VM execution time) divided by the CC's interval. The thesis' Exp. 1 ran
+    ~113 s and more against 10 s rounds; a ratio near 1 leaves the balancer no time to act."""
+    rows = []
+    for keys, group in _per_run(c, "max").groupby(VARIANT_KEYS, dropna=False, sort=True):
+        length = float(group["exec_time_s"].mean())
+        rows.append({**dict(zip(VARIANT_KEYS, keys, strict=True)), "runs": len(group), "run_length_s": length,
+                     "interval_s": interval_s, "run_over_interval": length / interval_s})
+    return pd.DataFrame(rows, columns=[*VARIANT_KEYS, "runs", "run_length_s", "interval_s", "run_over_interval"])
 
 
 def variant_table(c: Campaign) -> pd.DataFrame:

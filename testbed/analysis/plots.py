@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -56,7 +57,8 @@ def vm_colours(vms: Sequence[str]) -> dict[str, tuple[float, ...]]:
 
 
 def _save(c: Campaign, fig: Figure, out_dir: Path, name: str, kind: str, title: str,
-          run_ids: Sequence[str], note: str | None = None) -> FigureInfo:
+          run_ids: Sequence[str], note: str | None = None, drawn: list[dict[str, Any]] | None = None) -> FigureInfo:
+    """Write the figure and its sidecar; `drawn`, when given, lists the values drawn (a bar each)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if c.manifest.get("simulated"):  # a simulator's campaign (testbed/sim) says so on every figure
         title = f"SIMULATED — {title}"
@@ -70,6 +72,8 @@ def _save(c: Campaign, fig: Figure, out_dir: Path, name: str, kind: str, title: 
     sidecar = {"figure": name, "kind": kind, "title": title, "files": [p.name for p in files], "runs": list(ids)}
     if note:
         sidecar["note"] = note
+    if drawn is not None:
+        sidecar["drawn"] = drawn
     (out_dir / f"{name}.json").write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
     return FigureInfo(name, kind, title, tuple(files), ids)
 
@@ -175,18 +179,36 @@ def _grouped_bars(ax: Axes, table: pd.DataFrame, x: str, group: str, order: Sequ
 
 
 def _per_vm(c: Campaign) -> pd.DataFrame:
-    """Mean and std of each VM's execution time per technique and variant, over ok runs."""
+    """Mean, std and count of each VM's execution time per technique and variant, over ok runs."""
     times = c.ok(c.vm_times)
     varying = varying_axes(c.runs)
     times["label"] = [variant_label(r, varying) for _, r in times.iterrows()] if not times.empty else []
     return times.groupby(["technique", "app", "variant", "label", *VARIANT_ORDER[:2], "vm"], as_index=False).agg(
-        mean=("exec_time_s", "mean"), std=("exec_time_s", "std"), run_ids=("run_id", lambda s: sorted(set(s))))
+        mean=("exec_time_s", "mean"), std=("exec_time_s", "std"), n=("exec_time_s", "count"),
+        run_ids=("run_id", lambda s: sorted(set(s))))
+
+
+def _with_n(table: pd.DataFrame) -> pd.DataFrame:
+    """The variant labels with their number of runs, `unbalanced, migration (n=7)`, as the thesis'
+    figures are read: a bar's spread means little without it."""
+    runs = table.groupby("label")["run_ids"].agg(lambda ids: len({i for run_ids in ids for i in run_ids}))
+    return table.assign(label=[f"{label} (n={runs[label]})" for label in table["label"]])
+
+
+def _drawn_bars(table: pd.DataFrame, order: Sequence[str]) -> list[dict[str, Any]]:
+    """The bars of a per-VM figure in drawing order (VM, then variant), for its sidecar."""
+    drawn = [{"vm": row.vm, "variant": row.label, "mean_s": float(row.mean),
+              "sd_s": None if pd.isna(row.std) else float(row.std), "n": int(row.n)} for row in table.itertuples()]
+    return sorted(drawn, key=lambda bar: (_natural(bar["vm"]), order.index(bar["variant"])))
 
 
 def exec_time_by_variant(c: Campaign, technique: str, app: str, out_dir: Path) -> FigureInfo:
-    """Figs. 4.5/4.6/4.9/4.10/4.13/4.14: each VM's execution time per variant, mean ± std."""
+    """Figs. 4.5/4.6/4.9/4.10/4.13/4.14 as the thesis draws them: VM1…VMn in order on x, one bar
+    per variant at each VM, the mean over repetitions with the sample standard deviation as error
+    bar (the thesis' mean ± sd; none when n = 1), n per variant in the legend. The sidecar lists
+    every bar drawn."""
     table = _per_vm(c)
-    table = table[(table["technique"] == technique) & (table["app"] == app)]
+    table = _with_n(table[(table["technique"] == technique) & (table["app"] == app)])
     order = list(dict.fromkeys(table.sort_values(VARIANT_ORDER)["label"]))
     ids = [i for ids in table["run_ids"] for i in ids]
     name = f"exec_time.{technique}.{app}"
@@ -207,9 +229,11 @@ def exec_time_by_variant(c: Campaign, technique: str, app: str, out_dir: Path) -
     _grouped_bars(ax, table, "vm", "label", order)
     ax.set_xlabel("VM")
     ax.set_ylabel("execution time (s)")
-    fig.legend(loc="outside right upper", fontsize=8, title="variant")
+    fig.legend(loc="outside right upper", fontsize=8, title="variant (n = runs)")
     return _save(c, fig, out_dir, name, "exec_time_by_variant",
-                 f"Execution time per VM — {app} on {technique} (mean ± std)", ids)
+                 f"Execution time per VM — {app} on {technique} (mean ± sd over the runs)", ids,
+                 "error bars: sample standard deviation over the variant's runs (none when n = 1)",
+                 _drawn_bars(table, order))
 
 
 def technique_comparison(c: Campaign, app: str, out_dir: Path) -> FigureInfo:

@@ -16,11 +16,18 @@ import pandas as pd
 import yaml
 
 from testbed.analysis.appendix_a import CAPTION, phase_table
-from testbed.analysis.data import Campaign, comparison_table, load, variant_table
+from testbed.analysis.data import (
+    Campaign,
+    comparison_table,
+    interval_table,
+    load,
+    manager_interval_s,
+    variant_table,
+)
 from testbed.analysis.plots import FigureInfo, plot_all
 
 #: Manifest entries shown in their own sections (the rest are the lab facts and provenance).
-_OWN_SECTIONS = {"spec", "variants"}
+_OWN_SECTIONS = {"spec", "variants", "manager_times"}
 
 
 def _cell(column: str, value: Any) -> str:
@@ -90,6 +97,27 @@ def _validation(c: Campaign) -> str:
             f"<table><thead><tr>{head_row}</tr></thead><tbody>{rows}</tbody></table>\n")
 
 
+def _manager_time(c: Campaign) -> str:
+    """The manager's time scale and, per variant, how many of its rounds a run lasts (issue #16):
+    a run of about one interval cannot be balanced however good the policy."""
+    interval = manager_interval_s(c.manifest)
+    if interval is None or c.manifest.get("spec", {}).get("kind") == "migration":
+        return ""
+    times = c.manifest.get("manager_times")
+    if times is None:
+        said = (f"No time scale (or a campaign from before <code>balancer.time_scale</code>): the CC ran the "
+                f"spec's interval, {interval:g} s, and cool-down, whatever the work's scale.")
+    else:
+        floored = ", ".join(times.get("floored", [])) or "none"
+        bounds = ", ".join(f"{k} {v:.3g} s" for k, v in sorted(times.get("floors", {}).items())) or "none (unscaled)"
+        said = (f"Time scale ×{times['factor']:g}: interval {times['interval_s']:.3g} s, cool-down "
+                f"{times['cooldown_s']:.3g} s, settling {times['settling_s']:.3g} s after a migration "
+                f"(bounds: {escape(bounds)}; raised or capped by them: {escape(floored)}).")
+    return (f"<h2>The manager's time scale</h2>\n<p>{said} run_over_interval = a run's length (its longest VM "
+            "execution time, mean over ok runs) / the CC's interval: how many balancing rounds a run lasts "
+            f"(thesis: ≥ 11, 113 s and more against 10 s).</p>\n{_table(interval_table(c, interval))}\n")
+
+
 def _facts(manifest: dict[str, Any]) -> str:
     rows = []
     for key in sorted(k for k in manifest if k not in _OWN_SECTIONS):
@@ -131,7 +159,7 @@ one observation per run is the mean execution time over its VMs.</p>
 <p>Relative change of the mean execution time of each "with migration" variant against its
 "no migration" twin (negative: migration shortened it), with the two-sided p-value of Welch's t-test.</p>
 {_table(twins)}
-{"" if phases.empty else f"<h2>Migration phases (Table A.1)</h2><p>{escape(CAPTION)}</p>{_table(phases)}"}
+{_manager_time(c)}{"" if phases.empty else f"<h2>Migration phases (Table A.1)</h2><p>{escape(CAPTION)}</p>{_table(phases)}"}
 {_validation(c)}<h2>Runs left out</h2>
 {_left_out(c)}
 <h2>Figures</h2>

@@ -16,11 +16,14 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from testbed.errors import InputError
 from testbed.lab import DEFAULT_INVENTORY
 from testbed.runner.campaign import DEFAULT_MAX_CONSECUTIVE_FAILURES
+
+if TYPE_CHECKING:
+    from testbed.spec import Spec
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reps", type=int, default=None, help="repetitions per variant (default: the spec's)")
     parser.add_argument("--scale", type=float, default=None,
                         help="multiplies every app's work (default: the spec's; 0.25 = a quarter)")
+    parser.add_argument("--time-scale", type=time_scale_arg, default=None, metavar="auto|F",
+                        help="scale the manager's interval and cool-down: with --scale (auto) or by F "
+                        "(default: the spec's balancer.time_scale; floors: docs/manager.md)")
     parser.add_argument("--results", metavar="DIR", type=Path, default=None,
                         help="results directory (default: results/<spec name>)")
     parser.add_argument("--technique", action="append", default=None, metavar="T",
@@ -49,18 +55,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def time_scale_arg(value: str) -> str | float:
+    """--time-scale: `auto` or a number (the spec checks its range)."""
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither auto nor a number") from None
+
+
+def overridden(spec: Spec, args: argparse.Namespace) -> Spec:
+    """The spec with the command line's --reps, --scale and --time-scale, validated again."""
+    from testbed.spec import spec_with
+
+    changes: dict[str, object] = {k: v for k, v in (("repetitions", args.reps), ("scale", args.scale))
+                                  if v is not None}
+    if args.time_scale is not None:
+        changes["balancer"] = spec.balancer.model_dump() | {"time_scale": args.time_scale}
+    return spec_with(spec, **changes) if changes else spec
+
+
 def _checked(args: argparse.Namespace):
     """(spec, lab, techniques, results dir), all validated without touching a host."""
     from testbed.lab import load_lab
     from testbed.results import read_manifest
     from testbed.runner import executor, migration_study
     from testbed.runner.campaign import spec_fingerprint
-    from testbed.spec import load_spec, spec_with
+    from testbed.spec import load_spec
 
-    spec = load_spec(args.spec)
-    changes = {k: v for k, v in (("repetitions", args.reps), ("scale", args.scale)) if v is not None}
-    if changes:
-        spec = spec_with(spec, **changes)
+    spec = overridden(load_spec(args.spec), args)
     for flag, value in (("--ci-width", args.ci_width), ("--timeout", args.timeout)):
         if value is not None and not value > 0:
             raise InputError(f"{flag}: must be > 0, not {value:g}")
@@ -125,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
         }
         kind = MigrationStudyExecutor if spec.kind == "migration" else LabExecutor  # App. A: one move per run
         executor = kind(lab, make_drivers(lab), cc, timeout_s=args.timeout, log=display.phase)
+        if spec.kind == "balancing":  # the manager's times at this scale, floors included (issue #16)
+            provenance["manager_times"] = executor.manager_times(spec).as_dict()
         began = time.monotonic()
         failure: CampaignFailed | None = None
         try:

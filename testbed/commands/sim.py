@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from testbed.commands.run import overridden, time_scale_arg
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     sim = subparsers.add_parser(
@@ -29,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--results", metavar="DIR", type=Path, default=None)
     run.add_argument("--reps", type=int, default=None)
     run.add_argument("--scale", type=float, default=None)
+    run.add_argument("--time-scale", type=time_scale_arg, default=None, metavar="auto|F")
     run.set_defaults(func=_run)
     study = kinds.add_parser("study", help="run a scale study file")
     study.add_argument("file", metavar="FILE")
@@ -75,9 +78,7 @@ def run_simulated(args: argparse.Namespace) -> int:
     from testbed.sim.executor import SIMULATED_NOTE, SimExecutor
     from testbed.spec import load_spec, spec_with
 
-    spec = load_spec(args.spec)
-    changes = {k: v for k, v in (("repetitions", args.reps), ("scale", args.scale)) if v is not None}
-    spec = spec_with(spec, **changes) if changes else spec
+    spec = overridden(load_spec(args.spec), args)
     if spec.kind != "balancing":
         raise InputError(f"{args.spec}: kind: the simulator runs balancing experiments, not {spec.kind!r}")
     spec = spec_with(spec, techniques=["sim"])
@@ -92,7 +93,7 @@ def run_simulated(args: argparse.Namespace) -> int:
             executor,
             ci_width=getattr(args, "ci_width", None),
             max_reps=getattr(args, "max_reps", None),
-            provenance=executor.manifest_fields(),
+            provenance=executor.manifest_fields() | {"manager_times": executor.manager_times(spec).as_dict()},
         )
     print(f"SIMULATED {spec.name}: {executed} runs with calibration {name}; results in {results}")
     print(

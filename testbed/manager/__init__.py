@@ -7,3 +7,6 @@ LC_PORT = 7420
 CC_PORT = 7421
 DEFAULT_TOKEN_FILE = Path("/var/lib/testbed/lab/manager.token")
 DEFAULT_EVENT_LOG = Path("/var/lib/testbed/lab/manager/events.jsonl")
+#: Seconds of counters an LC keeps: the longest sample window, so the longest CC interval. Here,
+#: not in api.py, so that the simulator and the runner's time scaling read it without FastAPI.
+MAX_WINDOW = 120.0

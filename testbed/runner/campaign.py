@@ -189,13 +189,18 @@ def _target(spec: Spec, cell: Cell, statuses: Mapping[str, str],
     return target
 
 
+#: Balancer fields added after campaigns were recorded, and the default that keeps them out of
+#: the fingerprint.
+ADDED_BALANCER_FIELDS: dict[str, object] = {"compression": "none", "time_scale": None}
+
+
 def spec_fingerprint(spec: Spec) -> str:
     """What must not change between a campaign and its resumption (repetitions may grow).
 
     A field added to specs after campaigns were recorded is left out while at its default
-    (`balancer.compression` none), so that those campaigns still resume."""
-    added = {"balancer": {"compression"}} if spec.balancer.compression == "none" else {}
-    text = spec.model_dump_json(exclude={"repetitions": True, "description": True, **added})
+    (`balancer.compression` none, `balancer.time_scale` None), so that those campaigns still resume."""
+    added = {field for field, default in ADDED_BALANCER_FIELDS.items() if getattr(spec.balancer, field) == default}
+    text = spec.model_dump_json(exclude={"repetitions": True, "description": True, "balancer": added})
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

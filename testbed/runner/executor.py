@@ -48,6 +48,7 @@ from testbed.lab import Lab
 from testbed.manager.api import CcConfig, ManagerClient
 from testbed.results import CpuSample, MigrationRow, VmTime
 from testbed.runner.campaign import Run, RunResult
+from testbed.runner.time_scale import ManagerTimes, manager_times
 from testbed.spec import Spec
 
 #: The technique's own migration mode when the spec names none (thesis §2.3: Xen pre-copy, OpenVZ
@@ -496,12 +497,18 @@ class LabExecutor:
 
     # --- the manager ------------------------------------------------------------------------
 
+    def manager_times(self, spec: Spec) -> ManagerTimes:
+        """The CC's interval, cool-down and settling for `spec` on this lab (its slowest PM link
+        bounds how fast a VM can be moved, hence the cool-down's floor)."""
+        return manager_times(spec, min(pm.link_rate_bps for pm in self.lab.pms))
+
     def _configure_cc(self, run: Run, quiet: bool) -> CcConfig:
         """Quiet: decide nothing (between runs). Else the run's config, labelled with its id."""
         balancer = run.spec.balancer
+        times = self.manager_times(run.spec)
         config = CcConfig(
-            policy=balancer.policy, params=balancer.params, interval=balancer.interval_s,
-            cooldown=balancer.cooldown_s,
+            policy=balancer.policy, params=balancer.params, interval=times.interval_s,
+            cooldown=times.cooldown_s,
             mode=run.variant.mode or DEFAULT_MODES.get(run.technique, "precopy"),
             compression=run.variant.order_compression,
             dry_run=quiet or not run.variant.migration, label=None if quiet else run.run_id,
@@ -519,8 +526,8 @@ class LabExecutor:
             time.sleep(0.5)
 
     def _run_events(self, run: Run, since: float) -> list[dict[str, Any]]:
-        return self._cc_call(lambda: self.cc.get("/v1/events", since=since - run.spec.balancer.interval_s,
-                                                 label=run.run_id))
+        interval = self.manager_times(run.spec).interval_s
+        return self._cc_call(lambda: self.cc.get("/v1/events", since=since - interval, label=run.run_id))
 
     def _cc_call(self, call: Callable[[], Any]) -> Any:
         """A CC request, retried for a while (the supervisor respawns a CC that died)."""

@@ -20,9 +20,11 @@ from testbed.balancer import get_policy
 from testbed.lab import parse_rate
 from testbed.results import CpuSample, MigrationRow, VmTime
 from testbed.runner.campaign import Run, RunResult
+from testbed.runner.time_scale import ManagerTimes, manager_times
 from testbed.sim.calibration import Calibration
 from testbed.sim.run import Outcome, Scenario, SimVM, simulate
 from testbed.sim.workloads import vm_chains
+from testbed.spec import Spec
 
 #: The embedded lab's defaults (common brief: 0.6 CPU, 4 cores, 100mbit per PM).
 DEFAULT_CAPACITY = 0.6
@@ -167,10 +169,15 @@ class SimExecutor:
     def default_mode(self) -> str:
         return "stopcopy" if self.cal.mimics in ("container", "openvz") else "precopy"
 
+    def manager_times(self, spec: Spec, link_rate: str | None = None) -> ManagerTimes:
+        """The simulated CC's interval, cool-down and settling: the lab's, from the same function."""
+        return manager_times(spec, parse_rate(link_rate or self.cluster.link_rate))
+
     def execute(self, run: Run) -> RunResult:
         spec, variant = run.spec, run.variant
         names = [f"vm{k}" for k in range(1, spec.vms + 1)]
         b = spec.balancer
+        times = self.manager_times(spec, variant.link_rate)
         sc = scenario(
             pms=spec.pms,
             placement=variant.placement,
@@ -187,8 +194,8 @@ class SimExecutor:
             policy=b.policy if variant.migration else None,
             params=dict(b.params),
             mode=variant.mode or b.mode or self.default_mode(),
-            interval_s=b.interval_s,
-            cooldown_s=b.cooldown_s,
+            interval_s=times.interval_s,
+            cooldown_s=times.cooldown_s,
             record_cpu=spec.vms <= self.samples_up_to_vms,
         )
         return run_result(sc, simulate(sc), self.calibration_name)
