@@ -39,10 +39,7 @@ D = TypeVar("D", bound=Driver)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.technique == "container":
-        from testbed.bench.container_migration import run as run_container
-
-        return run_container(args)
+    """The QEMU bench (the technique catalogue's for qemu)."""
     if args.compress == "bzip2":
         raise InputError("--compress bzip2: QEMU compresses migration streams with zstd only")
     if args.memory < MIN_MEMORY_MB:
