@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from testbed import provisioning
-from testbed.commands.lab import run_playbook
+from testbed.playbooks import run_playbook
 
 PLAYBOOK = """\
 - name: Touch a file

@@ -160,8 +160,8 @@ def wait_progress(driver: Driver, run: WorkloadRun, progress: Callable[[Workload
 def _lab(inventory: str | None) -> Lab:
     """The lab, provisioned first (`testbed lab up`'s playbooks) when its PMs or the guest
     image are not there."""
-    from testbed.commands.lab import PLAYBOOKS, run_playbook
     from testbed.drivers.qemu import IMAGE_DIR
+    from testbed.playbooks import PLAYBOOKS, run_playbook
 
     path = Path(inventory) if inventory else DEFAULT_INVENTORY
     lab = load_lab(path)
