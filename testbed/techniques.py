@@ -16,15 +16,17 @@ recorded outputs, but no runner wires them to a lab yet (issue #15), and `unrunn
 
 from __future__ import annotations
 
-import argparse
 import importlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from testbed.drivers.base import Driver, Host, MigrationMode
 from testbed.errors import InputError
+
+if TYPE_CHECKING:
+    import argparse
 
 MODES = tuple(mode.value for mode in MigrationMode)
 #: Every compression a migration may be asked for ("none": uncompressed).
@@ -62,6 +64,7 @@ class Technique:
 
     @property
     def runnable(self) -> bool:
+        """Whether `testbed run` drives it on a lab (else `unrunnable` says why not)."""
         return self.unrunnable is None
 
     def driver_class(self) -> type[Driver]:

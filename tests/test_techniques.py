@@ -65,7 +65,7 @@ def test_the_technique_list_is_spelled_in_the_catalogue_only() -> None:
 def test_the_grep_finds_lists_of_technique_names(tmp_path: Path) -> None:
     module = tmp_path / "elsewhere.py"
     module.write_text('TECHNIQUES = ("qemu", "container")\nMODES = {"xen": 1, "openvz": 2}\nONE = ["sim"]\n'
-                      'if mimics in {"kvm", "other"}:\n    pass\n')
+                      'if mimics in {"kvm", "other"}:\n    pass\n')  # one name among others: no list
     assert technique_collections(module, tmp_path) == ["elsewhere.py:1: ['qemu', 'container']",
                                                        "elsewhere.py:2: ['xen', 'openvz']"]
 
@@ -91,7 +91,8 @@ def test_only_the_embedded_techniques_are_runnable_and_the_others_say_why() -> N
 def test_importing_the_catalogue_or_a_spec_imports_no_driver() -> None:
     code = ("import sys, testbed.spec, testbed.techniques; "
             "print(sorted(m for m in sys.modules if m.startswith('testbed.drivers.') and m != 'testbed.drivers.base'))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                          timeout=60)
     assert done.stdout.strip() == "[]"
 
 
