@@ -1,6 +1,6 @@
 """Running an Ansible playbook on a lab, as `testbed lab up|down`, the bench and the tests do.
 
-ansible-runner drives the playbook (the same one `ansible-playbook -i INVENTORY playbooks/X.yml`
+ansible-runner drives the playbook (the same one `ansible-playbook -i INVENTORY playbooks/site.yml`
 runs) so that a live progress display can be built from Ansible's event stream; its artifacts are
 kept per inventory (testbed.provisioning), where a campaign's provenance archives the newest.
 """

@@ -140,8 +140,9 @@ def test_every_playbook_the_repository_names_exists() -> None:
     import subprocess
 
     repo = ROLES.parent
-    tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout.split()
-    named = {(path, name) for path in tracked if path.endswith((".md", ".yml", ".py", ".cfg", ".sh", ".j2"))
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=repo,
+                           capture_output=True, text=True, check=True).stdout.split()
+    named = {(path, name) for path in files if path.endswith((".md", ".yml", ".py", ".cfg", ".sh", ".j2"))
              for name in re.findall(r"playbooks/([\w.-]+\.yml)", (repo / path).read_text(encoding="utf-8"))}
     missing = sorted(f"{path}: playbooks/{name}" for path, name in named if not (repo / "playbooks" / name).is_file())
     assert missing == []
