@@ -36,6 +36,7 @@ from testbed.lab import parse_rate
 from testbed.sim.calibration import Calibration, ModeCosts
 from testbed.sim.migration import plan
 from testbed.sim.workloads import SYNTHETIC1_BLOCKS
+from testbed.techniques import SIMULATOR
 
 DEFAULT_LINK = "100mbit"
 
@@ -64,7 +65,7 @@ def calibrate(
         "sources": [str(d.resolve()) for d in dirs],
         "fitted": fitted,
     }
-    techniques = sorted({t for c in campaigns for t in c.ok_runs["technique"]} - {"sim"})
+    techniques = sorted({t for c in campaigns for t in c.ok_runs["technique"]} - {SIMULATOR})
     changes["mimics"] = techniques[0] if techniques else base.mimics
     work = _cpu_per_block(campaigns, caps)
     if work is not None:

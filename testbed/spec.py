@@ -18,10 +18,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from testbed import techniques
 from testbed.errors import InputError, describe_validation_error
 from testbed.runner import layouts
 
-Technique = Literal["qemu", "container", "xen", "openvz", "sim"]
+#: What a spec may name: the technique catalogue's (testbed.techniques) spec techniques.
+Technique = Literal[techniques.SPEC_NAMES]  # type: ignore[valid-type]
 #: The last four run in the Appendix A study (kind: migration) only.
 App = Literal["synthetic1", "synthetic-random", "kernel", "allocator", "idle", "http", "database"]
 Compression = Literal["none", "bzip2", "zstd", "zlib"]
@@ -34,14 +36,6 @@ MAX_MEMORY_MB = 1 << 20
 
 #: The thesis runs every variant at least 7 times (§4.3).
 DEFAULT_REPETITIONS = 7
-#: What each technique's migration can do where it is narrower than the axes (its driver refuses
-#: the rest at migration time, so a spec asking for it is refused here, before any host is
-#: touched): QEMU compresses its stream with multifd zstd or zlib and has no bzip2, nor
-#: compression with post-copy; containers migrate by stop-and-copy only, their dump sent through
-#: bzip2 (the thesis' App. A) or zstd.
-MIGRATION_COMPRESSION = {"qemu": ("none", "zstd", "zlib"), "container": ("none", "bzip2", "zstd")}
-MIGRATION_MODES = {"container": ("stopcopy",)}
-
 
 def _fail(loc: tuple[str | int, ...], reason: str, value: object) -> ValidationError:
     """A validation error at `loc` inside the model, so the one-line message names the exact field."""
@@ -62,7 +56,7 @@ class Balancer(_Strict):
     interval_s: float = Field(10.0, ge=1.0, allow_inf_nan=False)  # the thesis' 10 s (§4.2); the CC's minimum is 1 s
     cooldown_s: NonNegative = 60.0
     mode: Mode | None = None  # None: the technique's own (QEMU pre-copy, containers stop-and-copy)
-    compression: Compression = "none"  # of every migration the CC orders (MIGRATION_COMPRESSION)
+    compression: Compression = "none"  # of every migration the CC orders (what the technique offers)
     #: How the CC's interval, cool-down and settling follow the work's `scale`: None keeps them as
     #: written at every scale; "auto" multiplies them by the run's scale; a number by that factor
     #: (floored: testbed/runner/time_scale.py).
@@ -230,22 +224,17 @@ class Spec(_Strict):
                 raise _fail(("exclude", k, key), str(err), value) from None
 
     def _technique_can(self, technique: str, variant: Variant) -> None:
-        """Refuse a variant whose compression or mode the technique's migration does not have."""
+        """Refuse a variant whose compression or mode the technique's migration does not have (its
+        driver would refuse it at migration time; the technique catalogue says what it has)."""
         m = self.matrix
         at_compression = (("matrix", "compression", m.compression.index(variant.compression)) if m.compression
                           else ("balancer", "compression"))
-        compressions = MIGRATION_COMPRESSION.get(technique, (variant.compression,))
-        if variant.compression not in compressions:
-            raise _fail(at_compression, f"{variant.compression}: technique {technique} compresses migrations "
-                        f"with {' or '.join(c for c in compressions if c != 'none')} only", variant.compression)
-        modes = MIGRATION_MODES.get(technique, (variant.mode,))
-        if variant.mode is not None and variant.mode not in modes:
+        can = techniques.technique(technique)
+        if reason := can.refuses_compression(variant.compression, variant.mode):
+            raise _fail(at_compression, f"{variant.compression}: {reason}", variant.compression)
+        if variant.mode is not None and (reason := can.refuses_mode(variant.mode)):
             where = ("matrix", "mode", m.mode.index(variant.mode)) if m.mode else ("balancer", "mode")
-            raise _fail(where, f"{variant.mode}: technique {technique} migrates by {' or '.join(modes)} only",
-                        variant.mode)
-        if technique == "qemu" and variant.mode == "postcopy" and variant.compression != "none":
-            raise _fail(at_compression, f"{variant.compression}: QEMU cannot compress a post-copy migration",
-                        variant.compression)
+            raise _fail(where, f"{variant.mode}: {reason}", variant.mode)
 
     def variants(self, technique: str | None = None) -> list[Variant]:
         """The matrix' cross product minus `exclude`, in the spec's order (run order is shuffled

@@ -18,12 +18,12 @@ from contextlib import ExitStack, contextmanager
 
 import pytest
 
-from testbed.commands.lab import PLAYBOOKS
-from testbed.commands.lab import run_playbook as _run
 from testbed.drivers.qemu import IMAGE_DIR
 from testbed.drivers.qemu_snapshot import snapshot_dir
 from testbed.errors import InputError
 from testbed.lab import DEFAULT_INVENTORY, Lab, load_lab
+from testbed.playbooks import PLAYBOOKS
+from testbed.playbooks import run_playbook as _run
 from testbed.runner.lock import campaign_lock
 
 LOCK_WAIT_S = 3600.0  # a campaign on the lab (the main job) may hold it this long before tests give up

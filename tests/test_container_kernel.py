@@ -5,7 +5,7 @@ on the VM storage, runs the app's command as a QEMU kernel guest does (`chroot /
 come and go; the compile ends with exit 0 and its objects are on the container's storage.
 
 A few objects at -j2 keep it within its CI budget (about a minute here) and within a 200 MB limit
-(-j4 needs about 300 MB without swap: testbed.runner.executor.CONTAINER_KERNEL_MB_PER_JOB).
+(-j4 needs about 300 MB without swap: the container's kernel_mb_per_job in testbed.techniques).
 """
 
 from __future__ import annotations

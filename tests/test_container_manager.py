@@ -20,9 +20,10 @@ from testbed.drivers.container import ContainerDriver, build_workloads
 from testbed.drivers.qemu import QemuDriver
 from testbed.errors import InputError
 from testbed.lab import DEFAULT_INVENTORY, load_lab
-from testbed.manager.local import TECHNIQUES, DriverDispatch, make_driver
+from testbed.manager.local import DriverDispatch
 from testbed.runner import executor
 from testbed.spec import load_spec
+from testbed.techniques import EMBEDDED, RUNNABLE, make_driver, technique
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,11 +77,11 @@ def test_every_technique_has_its_driver_and_the_runner_uses_them() -> None:
     assert isinstance(make_driver("container", hosts), ContainerDriver)
     with pytest.raises(ValueError, match="'xen' has no driver here"):
         make_driver("xen", hosts)
-    assert set(executor.TECHNIQUES) <= set(TECHNIQUES)
+    assert set(RUNNABLE) <= set(EMBEDDED)
     drivers = executor.make_drivers(load_lab(DEFAULT_INVENTORY))
     assert {t: d.technique for t, d in drivers.items()} == {"qemu": "qemu", "container": "container"}
     executor.supported(load_spec(REPO / "experiments" / "exp1.yml"), ["container"])  # no InputError
-    assert executor.DEFAULT_MODES["container"] == "stopcopy"
+    assert technique("container").default_mode == "stopcopy"
 
 
 def test_lc_refuses_an_unknown_technique_before_touching_the_pm() -> None:

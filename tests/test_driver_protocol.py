@@ -9,14 +9,10 @@ import inspect
 import pytest
 
 from testbed.drivers.base import Driver
-from testbed.drivers.container import ContainerDriver
-from testbed.drivers.libvirt import LibvirtDriver
-from testbed.drivers.openvz import OpenVZDriver
-from testbed.drivers.qemu import QemuDriver
 from testbed.drivers.sim import SimDriver
-from testbed.drivers.xen import XenDriver
+from testbed.techniques import CATALOGUE
 
-DRIVERS = [QemuDriver, ContainerDriver, SimDriver, XenDriver, OpenVZDriver, LibvirtDriver]
+DRIVERS = [technique.driver_class() for technique in CATALOGUE.values()]
 METHODS = sorted(name for name, member in vars(Driver).items() if inspect.isfunction(member)
                  and not name.startswith("_"))
 

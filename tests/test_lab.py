@@ -102,7 +102,7 @@ def test_parse_rate_refuses_what_tc_would_not_take(rate: str) -> None:
 def test_a_failed_task_is_reported_with_its_commands_last_error_line() -> None:
     """"non-zero return code" alone sends the reader to the artifacts; the command's first stderr
     line naming an error (else its last line) usually says what went wrong."""
-    from testbed.commands.lab import Progress
+    from testbed.playbooks import Progress
 
     progress = Progress()
     progress.handle({"event": "runner_on_failed", "event_data": {

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testbed.commands.lab import PLAYBOOKS, run_playbook
 from testbed.drivers.cgroups import join_then_exec
 from testbed.lab import BRIDGE, CGROUP_CONTROLLERS, CGROUP_PARENT, CGROUP_ROOT, DEFAULT_INVENTORY, Lab
+from testbed.playbooks import PLAYBOOKS, run_playbook
 
 pytestmark = [
     pytest.mark.lab,

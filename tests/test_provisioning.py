@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from testbed import provisioning
-from testbed.commands.lab import run_playbook
+from testbed.playbooks import run_playbook
 
 PLAYBOOK = """\
 - name: Touch a file
@@ -131,3 +131,19 @@ def test_every_task_that_reads_or_writes_the_token_has_no_log() -> None:
                 leaky.append(f"{path.relative_to(ROLES)}: {task['name']}")
     assert not leaky
     assert any("token" in p.read_text() for p in ROLES.glob("*/tasks/*.yml"))  # the check looks at something
+
+
+def test_every_playbook_the_repository_names_exists() -> None:
+    """Docs, inventories and roles tell users which playbook to run: each one they name is a file
+    (the 2010 inventory once told them to run a bootstrap-python.yml that was bootstrap_python.yml)."""
+    import re
+    import subprocess
+
+    repo = ROLES.parent
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=repo,
+                           capture_output=True, text=True, check=True).stdout.split()
+    named = {(path, name) for path in files if path.endswith((".md", ".yml", ".py", ".cfg", ".sh", ".j2"))
+             for name in re.findall(r"playbooks/([\w.-]+\.yml)", (repo / path).read_text(encoding="utf-8"))}
+    missing = sorted(f"{path}: playbooks/{name}" for path, name in named if not (repo / "playbooks" / name).is_file())
+    assert missing == []
+    assert any(name == "site.yml" for _, name in named)  # the search finds the names there are

@@ -22,6 +22,7 @@ from testbed.manager.sampler import (
     vm_reader,
     xen_vms,
 )
+from testbed.techniques import REAL_LAB
 
 REPO = Path(__file__).resolve().parent.parent
 REAL_OUTPUTS = REPO / "tests" / "data" / "real_outputs"
@@ -144,7 +145,7 @@ def test_kvm_domains_from_virsh_domstats() -> None:
     assert libvirt_vms(DOMSTATS) == {"kerub.hosts.opensuse13": VmCounters(usage_ns=18957473241, limit_cpus=2.0)}
 
 
-@pytest.mark.parametrize("technique", ["kvm", "xen", "openvz", "container"])
+@pytest.mark.parametrize("technique", REAL_LAB)
 def test_a_technique_whose_tools_do_not_answer_has_no_vms(technique: str) -> None:
     """This machine has no virsh, xl, xm or /proc/vz, and no cgroup of a PM named like this."""
     assert vm_reader(technique, Host("tr-nosuchpm", "198.18.0.11", 1.0, 4))() == {}

@@ -43,10 +43,7 @@ D = TypeVar("D", bound=Driver)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.technique == "container":
-        from testbed.bench.container_migration import run as run_container
-
-        return run_container(args)
+    """The QEMU bench (the technique catalogue's for qemu)."""
     if args.compress == "bzip2":
         raise InputError("--compress bzip2: QEMU compresses migration streams with zstd only")
     if args.memory < MIN_MEMORY_MB:
@@ -195,8 +192,8 @@ def wait_progress(driver: Driver, run: WorkloadRun, progress: Callable[[Workload
 def _lab(inventory: str | None) -> Lab:
     """The lab, provisioned first (`testbed lab up`'s playbooks) when its PMs or the guest
     image are not there."""
-    from testbed.commands.lab import PLAYBOOKS, run_playbook
     from testbed.drivers.qemu import IMAGE_DIR
+    from testbed.playbooks import PLAYBOOKS, run_playbook
 
     path = Path(inventory) if inventory else DEFAULT_INVENTORY
     lab = load_lab(path)

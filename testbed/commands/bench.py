@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from testbed.techniques import BENCHED
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks that print measured figures")
@@ -17,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     balancer.set_defaults(func=_run_balancer)
 
     migration = kinds.add_parser("migration", help="migrate one VM PM1 -> PM2 on the embedded lab")
-    migration.add_argument("--technique", choices=["qemu", "container"], default="qemu")
+    migration.add_argument("--technique", choices=BENCHED, default=BENCHED[0])
     migration.add_argument("--mode", choices=["precopy", "stopcopy", "postcopy"], default="precopy")
     migration.add_argument("--rate", default="100mbit", help="link rate, tc syntax (e.g. 100mbit)")
     migration.add_argument("--memory", type=int, default=128, help="guest memory, MB")
@@ -47,9 +49,9 @@ def _run_balancer(args: argparse.Namespace) -> int:
 
 
 def _run_migration(args: argparse.Namespace) -> int:
-    from testbed.bench.migration import run
+    from testbed.techniques import technique
 
-    return run(args)
+    return technique(args.technique).run_bench(args)
 
 
 def _run_sim(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import yaml
 
 from testbed.errors import InputError
 from testbed.manager import CC_PORT, DEFAULT_EVENT_LOG, DEFAULT_TOKEN_FILE, LC_PORT
+from testbed.techniques import EMBEDDED, REAL_LAB
 
 if TYPE_CHECKING:
     from testbed.drivers.base import Host
@@ -38,14 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lc.add_argument("--host", required=True, help="the PM's inventory name, e.g. tb-pm1")
     lc.add_argument("--technique", action="append", default=None, metavar="T",
                     help="a technique whose VMs this LC migrates (repeatable; default: every technique "
-                         "with a driver, qemu and container: each order goes to the driver that lists the VM)")
+                         f"with a driver, {' and '.join(EMBEDDED)}: each order goes to the driver that lists the VM)")
     lc.add_argument("--listen", default=None, help="address to bind (default: the PM's lab address)")
     lc.add_argument("--port", type=int, default=LC_PORT)
     lc.add_argument("--period", type=float, default=1.0, help="sampling period, seconds")
     lc.add_argument("--vm-cpu", default="none", metavar="TECHNIQUE",
-                    help="on a real PM, the technique whose tools report each VM's CPU: kvm, xen, openvz, "
-                         "container or none (the inventory's testbed_technique; the embedded lab's LC reads "
-                         "its cgroups)")
+                    help=f"on a real PM, the technique whose tools report each VM's CPU: {', '.join(REAL_LAB)} "
+                         "or none (the inventory's testbed_technique; the embedded lab's LC reads its cgroups)")
 
     cc = verb("cc", "run the Central Controller (on the controller host)", _cc)
     cc.add_argument("--policy", default="assign-u")
@@ -95,19 +95,13 @@ def _serve(app, address: str, port: int) -> None:
 
 def _lc(args: argparse.Namespace) -> int:
     from testbed.manager.api import load_token
-    from testbed.manager.local import (
-        TECHNIQUES,
-        DriverDispatch,
-        LocalController,
-        create_app,
-        lab_driver_hosts,
-        make_driver,
-    )
+    from testbed.manager.local import DriverDispatch, LocalController, create_app, lab_driver_hosts
+    from testbed.techniques import make_driver
 
-    techniques = list(dict.fromkeys(args.technique or TECHNIQUES))
+    techniques = list(dict.fromkeys(args.technique or EMBEDDED))
     for technique in techniques:
-        if technique not in TECHNIQUES:
-            raise InputError(f"--technique: {technique!r} has no driver (available: {', '.join(TECHNIQUES)})")
+        if technique not in EMBEDDED:
+            raise InputError(f"--technique: {technique!r} has no driver (available: {', '.join(EMBEDDED)})")
     lab = _lab(args)  # reading the inventory starts no thread: ensure_cgroupfs may still unshare
     try:
         host = lab.host(args.host)

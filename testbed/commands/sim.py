@@ -57,13 +57,14 @@ def wants_simulation(spec_path: str, techniques: list[str] | None) -> bool:
     technique beside it in one campaign would be compared with its own imitation)."""
     from testbed.errors import InputError
     from testbed.spec import load_spec
+    from testbed.techniques import SIMULATOR
 
     chosen = techniques or list(load_spec(spec_path).techniques)
-    if "sim" not in chosen:
+    if SIMULATOR not in chosen:
         return False
     if len(set(chosen)) > 1:
         raise InputError(
-            f"--technique: sim runs alone, not with {', '.join(t for t in chosen if t != 'sim')}"
+            f"--technique: {SIMULATOR} runs alone, not with {', '.join(t for t in chosen if t != SIMULATOR)}"
         )
     return True
 
@@ -77,11 +78,12 @@ def run_simulated(args: argparse.Namespace) -> int:
     from testbed.sim.calibration import load_calibration
     from testbed.sim.executor import SIMULATED_NOTE, SimExecutor
     from testbed.spec import load_spec, spec_with
+    from testbed.techniques import SIMULATOR
 
     spec = overridden(load_spec(args.spec), args)
     if spec.kind != "balancing":
         raise InputError(f"{args.spec}: kind: the simulator runs balancing experiments, not {spec.kind!r}")
-    spec = spec_with(spec, techniques=["sim"])
+    spec = spec_with(spec, techniques=[SIMULATOR])
     cal, name = load_calibration(args.calibration)
     executor = SimExecutor(cal, name)
     results = args.results or Path("results") / f"{spec.name}-sim"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from fastapi import FastAPI, HTTPException, Query
 
@@ -76,24 +76,6 @@ def lab_driver_hosts(lab: Lab) -> dict[str, Host]:
 Migrate = Callable[[str, str, str, str | None], MigrationRecord]
 """How an LC executes a migration: (vm, destination host, mode, compression) -> MigrationRecord; in the
 daemon, a DriverDispatch over every technique's driver (testbed.drivers.base.Driver)."""
-
-#: The techniques with a driver on the embedded lab; an LC holds all of them by default.
-TECHNIQUES = ("qemu", "container")
-
-
-def make_driver(technique: str, hosts: Iterable[Host]) -> Driver:
-    """The driver of `technique` over `hosts`, the one place that maps a technique to its class
-    (the runner builds its drivers here too, so both sides agree on what a technique is)."""
-    if technique == "qemu":
-        from testbed.drivers.qemu import QemuDriver
-
-        return QemuDriver(hosts)
-    if technique == "container":
-        from testbed.drivers.container import ContainerDriver
-
-        return ContainerDriver(hosts)
-    raise ValueError(f"technique {technique!r} has no driver here (available: {', '.join(TECHNIQUES)})")
-
 
 class DriverDispatch:
     """The LC's Migrate: the order goes to the driver that lists the VM running on this PM.

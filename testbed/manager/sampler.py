@@ -30,6 +30,7 @@ from typing import Protocol
 
 from testbed.drivers.base import CGROUP_ROOT, Host
 from testbed.lab import CGROUP_CONTROLLERS
+from testbed.techniques import REAL_LAB, technique
 
 NS_PER_S = 1_000_000_000
 PROC_STAT = Path("/proc/stat")
@@ -261,43 +262,43 @@ def _answering(read: VmReader) -> VmReader:
     return guarded
 
 
-def _libvirt_reader() -> VmReader:
+# The makers of each real-lab technique's VmReader, named by its entry in the technique catalogue
+# (testbed.techniques); each takes the PM's Host, which only the container technique's needs.
+
+
+def libvirt_reader(host: Host) -> VmReader:
     """virsh (libvirt-clients, where the kvm technique is installed), read-only: the PM's venv
     has no libvirt binding, which is compiled against the host's libvirt."""
     argv = ["virsh", "-r", "-c", "qemu:///system", "domstats", "--state-running", "--cpu-total", "--vcpu"]
     return lambda: libvirt_vms(_tool(argv))
 
 
-def _xen_reader() -> VmReader:
+def xen_reader(host: Host) -> VmReader:
     toolstack = "xl" if shutil.which("xl") else "xm"  # xm: Xen 3.2, the 2010 profile
     return lambda: xen_vms(_tool([toolstack, "list"]))
 
 
-def _openvz_reader() -> VmReader:
+def openvz_reader(host: Host) -> VmReader:
     ticks_per_s = os.sysconf("SC_CLK_TCK")
     return lambda: openvz_vms(VESTAT.read_text(), _tool(["vzlist", "-a", "-n"]), ticks_per_s)
 
 
-def _container_reader(host: Host) -> VmReader:
+def container_reader(host: Host) -> VmReader:
     return lambda: cgroup_vms(host)
 
 
-#: What `testbed manager lc --vm-cpu` accepts (the inventory's testbed_technique, or none), each
-#: with the maker of its reader for a PM.
-_READERS: dict[str, Callable[[Host], VmReader]] = {
-    "kvm": lambda host: _libvirt_reader(),
-    "xen": lambda host: _xen_reader(),
-    "openvz": lambda host: _openvz_reader(),
-    "container": _container_reader,
-    "none": lambda host: dict,
-}
+#: `testbed manager lc --vm-cpu` of a PM whose VMs the LC does not see.
+NO_VMS = "none"
 
 
-def vm_reader(technique: str, host: Host) -> VmReader:
-    """The reader of `technique`'s VMs on this PM (where the LC runs), or one that sees none."""
-    if technique not in _READERS:
-        raise ValueError(f"no VM CPU source for {technique!r} (known: {', '.join(_READERS)})")
-    return _answering(_READERS[technique](host))
+def vm_reader(source: str, host: Host) -> VmReader:
+    """The reader of this PM's VMs (where the LC runs): those of technique `source` (the
+    inventory's testbed_technique, its reader named in the technique catalogue), or none."""
+    if source == NO_VMS:
+        return _answering(dict)
+    if source not in REAL_LAB:
+        raise ValueError(f"no VM CPU source for {source!r} (known: {', '.join((*REAL_LAB, NO_VMS))})")
+    return _answering(technique(source).vm_cpu_reader(host))
 
 
 class ProcStatSampler:

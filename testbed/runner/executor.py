@@ -50,10 +50,8 @@ from testbed.results import CpuSample, MigrationRow, VmTime
 from testbed.runner.campaign import Run, RunResult
 from testbed.runner.time_scale import ManagerTimes, manager_times
 from testbed.spec import Spec
+from testbed.techniques import RUNNABLE, make_driver, technique
 
-#: The technique's own migration mode when the spec names none (thesis §2.3: Xen pre-copy, OpenVZ
-#: stop-and-copy).
-DEFAULT_MODES = {"qemu": "precopy", "container": "stopcopy"}
 #: Apps this executor turns into guest programs (the guest image ships synthetic1 and busybox;
 #: `kernel` runs in the Kernel app's Debian root: a QEMU kernel guest's disk holds it, and a
 #: container has it at /mnt as an overlay, testbed.drivers.container).
@@ -66,13 +64,6 @@ KERNEL_PROGRAM = ("chroot", "/mnt", "/usr/local/bin/kernel")  # the root is at /
 #: The kernel guest's root disk in each PM's share (the qemu role builds it there); a kernel VM's
 #: disk is a qcow2 overlay of the one in its owner's share, so the compile writes to the VM's disk.
 KERNEL_ROOT = "images/kernel-root.qcow2"
-#: MB a container needs per `make` job of the Kernel app: a QEMU kernel guest swaps to its disk,
-#: a container swaps only if its PM has swap (the embedded lab's, with lab_host_swap_mb set), else
-#: its compile must fit in its limit. Measured (12 objects, cgroup v1 limit, no swap): -j2 ran in
-#: 160 MB, -j4 was OOM-killed in 200 and 256 MB and ran in 300 MB (peak 251 MB).
-CONTAINER_KERNEL_MB_PER_JOB = 75
-#: Techniques with a driver here AND in the Local Controller (which executes the migrations).
-TECHNIQUES = ("qemu", "container")
 SYNTHETIC1_BLOCKS = 18_000  # a full Synthetic1 run (thesis §4.4); scaled by the spec's `scale`
 #: Seconds a whole run may last at scale 1 (far above the slowest case measured here), plus a
 #: fixed margin for boot-level slowness; scaled with the spec.
@@ -110,10 +101,7 @@ def supported(spec: Spec, techniques: Sequence[str]) -> None:
         raise InputError(f"{where}: kind: the lab executor runs balancing experiments, not {spec.kind!r}")
     if spec.app not in APPS:
         raise InputError(f"{where}: app: {spec.app!r} has no guest program yet (available: {', '.join(APPS)})")
-    for technique in techniques:
-        if technique not in TECHNIQUES:
-            raise InputError(f"{where}: techniques: {technique!r} is not run by the lab executor yet "
-                             f"(available: {', '.join(TECHNIQUES)}; use --technique)")
+    runnable(where, "the lab executor", techniques)
     for variant in spec.variants():
         if variant.app not in APPS:
             raise InputError(f"{where}: matrix.app: {variant.app!r} has no guest program yet")
@@ -126,21 +114,32 @@ def supported(spec: Spec, techniques: Sequence[str]) -> None:
                              "(kind: migration) only")
 
 
+def runnable(where: str, runner: str, techniques: Sequence[str]) -> None:
+    """Refuse a technique `runner` cannot drive on a lab, with the technique catalogue's reason."""
+    for name in techniques:
+        if reason := technique(name).unrunnable:
+            raise InputError(f"{where}: techniques: {name!r} is not run by {runner} yet: {reason} "
+                             f"(available: {', '.join(RUNNABLE)}; use --technique)")
+
+
 def kernel_fits(spec: Spec, techniques: Sequence[str]) -> None:
-    """Refuse a Kernel app whose `make -j(2 x vCPUs)` would be OOM-killed in a container: one that
-    needs more than its memory limit, on PMs (this machine's kernel) without swap for the excess."""
+    """Refuse a Kernel app whose `make -j(2 x vCPUs)` would be OOM-killed in a VM that cannot swap
+    to a disk of its own (a container swaps only if its PM has swap: the embedded lab's, with
+    lab_host_swap_mb set): one that needs more than its memory limit, on PMs (this machine's
+    kernel) without swap for the excess."""
     jobs = KERNEL_JOBS_PER_VCPU * spec.vcpus
-    need = CONTAINER_KERNEL_MB_PER_JOB * jobs
-    if "container" not in techniques or spec.memory_mb >= need:
-        return
-    swap_need = (need - spec.memory_mb) * spec.vms
-    swap = machine_swap_mb()
-    if swap < swap_need:
-        raise InputError(f"{spec.name}: memory_mb: the kernel app compiles with -j{jobs} ({KERNEL_JOBS_PER_VCPU} "
-                         f"jobs per vCPU), which needs memory_mb >= {need} in a container, or {swap_need} MB of "
-                         f"swap on the PMs for {spec.vms} containers (this machine has {swap} MB: set lab_host_swap_mb "
-                         "in the inventory, then `testbed lab up`); raise memory_mb, lower vcpus or use "
-                         "--technique qemu")
+    for name in techniques:
+        can = technique(name)
+        if can.kernel_mb_per_job is None or spec.memory_mb >= (need := can.kernel_mb_per_job * jobs):
+            continue
+        swap_need = (need - spec.memory_mb) * spec.vms
+        swap = machine_swap_mb()
+        if swap < swap_need:
+            raise InputError(f"{spec.name}: memory_mb: the kernel app compiles with -j{jobs} ({KERNEL_JOBS_PER_VCPU} "
+                             f"jobs per vCPU), which needs memory_mb >= {need} in {can.vm_noun}, or {swap_need} MB of "
+                             f"swap on the PMs for {spec.vms} of them (this machine has {swap} MB: set lab_host_swap_mb "
+                             "in the inventory, then `testbed lab up`); raise memory_mb, lower vcpus or use "
+                             f"--technique {' or '.join(n for n in RUNNABLE if technique(n).kernel_mb_per_job is None)}")
 
 
 def machine_swap_mb() -> int:
@@ -509,7 +508,7 @@ class LabExecutor:
         config = CcConfig(
             policy=balancer.policy, params=balancer.params, interval=times.interval_s,
             cooldown=times.cooldown_s,
-            mode=run.variant.mode or DEFAULT_MODES.get(run.technique, "precopy"),
+            mode=run.variant.mode or technique(run.technique).default_mode,
             compression=run.variant.order_compression,
             dry_run=quiet or not run.variant.migration, label=None if quiet else run.run_id,
         )
@@ -585,12 +584,11 @@ def _round_summary(event: Mapping[str, Any], origin: float) -> dict[str, Any]:
 # --- construction and provenance ---------------------------------------------------------------
 
 def make_drivers(lab: Lab) -> dict[str, Driver]:
-    """The drivers of TECHNIQUES, made as the Local Controllers make theirs (which migrate with
-    the driver that lists the VM, so both sides see the same VMs)."""
+    """The drivers of the runnable techniques, made as the Local Controllers make theirs (which
+    migrate with the driver that lists the VM, so both sides see the same VMs)."""
     from testbed.drivers.base import pm_hosts
-    from testbed.manager.local import make_driver
 
-    return {technique: make_driver(technique, pm_hosts(lab)) for technique in TECHNIQUES}
+    return {name: make_driver(name, pm_hosts(lab)) for name in RUNNABLE}
 
 
 

@@ -48,25 +48,22 @@ from testbed.runner import services
 from testbed.runner.campaign import Run, RunResult
 from testbed.runner.executor import (
     APPS,
-    DEFAULT_MODES,
     PROBE,
     PROBE_TIMEOUT_S,
-    TECHNIQUES,
     LabExecutor,
     _CpuSampler,
     chains,
     kernel_fits,
+    runnable,
 )
 from testbed.spec import Spec
+from testbed.techniques import technique
 
 #: Apps of the study besides the balancing experiments' programs (executor.APPS).
 OWN_APPS = ("idle", "allocator", *services.SERVICES)
 #: The allocator writes this share of the VM's memory (the thesis: 500 MB of a 545 MB VM; half
 #: leaves a QEMU guest's kernel and a container's init their room under the memory limit).
 ALLOCATOR_SHARE = 0.5
-#: MB of a QEMU guest that its kernel and initramfs hold (measured: a 128 MB guest has 82 MB
-#: total, 47 free; an allocator of 80 MB in a 160 MB guest is OOM-killed, 128 MB in 256 MB runs).
-QEMU_GUEST_FOOTPRINT_MB = 96
 #: MB/s the allocator rewrites after its first pass: none, as the thesis' Allocator.
 ALLOCATOR_DIRTY_MBPS = 0
 #: A migration may take this long plus the time to send the VM's whole memory twice at the link rate.
@@ -84,26 +81,23 @@ def supported(spec: Spec, techniques: Sequence[str]) -> None:
         raise InputError(f"{where}: kind: the migration study runs kind 'migration', not {spec.kind!r}")
     if spec.vms != 1:
         raise InputError(f"{where}: vms: the migration study moves one VM per run (thesis App. A), not {spec.vms}")
-    for technique in techniques:
-        if technique not in TECHNIQUES:
-            raise InputError(f"{where}: techniques: {technique!r} is not run by the migration study "
-                             f"(available: {', '.join(TECHNIQUES)}; use --technique)")
+    runnable(where, "the migration study", techniques)
     available = (*OWN_APPS, *APPS)
-    for technique in techniques:
-        for variant in spec.variants(technique):
+    for name in techniques:
+        can = technique(name)
+        for variant in spec.variants(name):
             if variant.app not in available:
                 raise InputError(f"{where}: matrix.app: {variant.app!r} has no program in the VMs yet "
                                  f"(available: {', '.join(available)})")
-            if variant.app == "allocator" and technique == "qemu" and \
-                    spec.memory_mb * (1 - ALLOCATOR_SHARE) < QEMU_GUEST_FOOTPRINT_MB:
+            if variant.app == "allocator" and spec.memory_mb * (1 - ALLOCATOR_SHARE) < can.guest_footprint_mb:
                 raise InputError(f"{where}: memory_mb: the allocator writes {ALLOCATOR_SHARE:.0%} of the VM's memory "
-                                 f"and a QEMU guest keeps ~{QEMU_GUEST_FOOTPRINT_MB} MB for itself: use memory_mb >= "
-                                 f"{QEMU_GUEST_FOOTPRINT_MB / (1 - ALLOCATOR_SHARE):.0f}")
+                                 f"and {can.vm_noun} keeps ~{can.guest_footprint_mb} MB for itself: use memory_mb >= "
+                                 f"{can.guest_footprint_mb / (1 - ALLOCATOR_SHARE):.0f}")
             if variant.app == "kernel":
-                kernel_fits(spec, [technique])
-            if variant.app in services.SERVICES and technique != "container":
-                raise InputError(f"{where}: matrix.app: {variant.app!r} runs in containers only (a {technique} "
-                                 "guest has no apache2 or postgres: exclude it for that technique)")
+                kernel_fits(spec, [name])
+            if variant.app in services.SERVICES and not can.services:
+                raise InputError(f"{where}: matrix.app: {variant.app!r} runs in containers only ({can.vm_noun} "
+                                 "has no apache2 or postgres: exclude it for that technique)")
 
 
 class MigrationStudyExecutor(LabExecutor):
@@ -130,7 +124,7 @@ class MigrationStudyExecutor(LabExecutor):
                 details["links"] = links
                 app = self._start_app(driver, run, vm, timeout, details)
                 self.log("migrate")
-                mode = MigrationMode(run.variant.mode or DEFAULT_MODES[run.technique])
+                mode = MigrationMode(run.variant.mode or technique(run.technique).default_mode)
                 record = driver.migrate(vm, destination, mode, compression=run.variant.order_compression)
                 details["migration"] = record.as_dict()
                 details["continued"] = continued = self._continued(driver, vm, destination, app, record)

@@ -25,6 +25,7 @@ from testbed.sim.calibration import Calibration
 from testbed.sim.run import Outcome, Scenario, SimVM, simulate
 from testbed.sim.workloads import vm_chains
 from testbed.spec import Spec
+from testbed.techniques import CATALOGUE, SIMULATOR
 
 #: The embedded lab's defaults (common brief: 0.6 CPU, 4 cores, 100mbit per PM).
 DEFAULT_CAPACITY = 0.6
@@ -167,7 +168,10 @@ class SimExecutor:
         self.samples_up_to_vms = samples_up_to_vms
 
     def default_mode(self) -> str:
-        return "stopcopy" if self.cal.mimics in ("container", "openvz") else "precopy"
+        """The mimicked technique's own mode (the technique catalogue's); a calibration that mimics
+        a technique the catalogue does not know migrates as the simulator's own default."""
+        mimicked = CATALOGUE.get(self.cal.mimics, CATALOGUE[SIMULATOR])
+        return mimicked.default_mode
 
     def manager_times(self, spec: Spec, link_rate: str | None = None) -> ManagerTimes:
         """The simulated CC's interval, cool-down and settling: the lab's, from the same function."""

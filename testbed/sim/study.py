@@ -27,6 +27,7 @@ from testbed.runner.layouts import counts_for
 from testbed.sim.calibration import Calibration
 from testbed.sim.executor import SIMULATED_NOTE, Cluster, SimExecutor, run_result, scenario
 from testbed.sim.run import simulate
+from testbed.techniques import SIMULATOR
 
 SUMMARY_COLUMNS = (
     "pms",
@@ -254,7 +255,7 @@ def _one(
             RunRow(
                 run_id,
                 study.name,
-                "sim",
+                SIMULATOR,
                 study.app,
                 study.layout,
                 migrate,
