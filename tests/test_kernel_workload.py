@@ -27,7 +27,7 @@ from testbed.runner.executor import (
     supported,
 )
 from testbed.spec import load_spec
-from testbed.storage import DEFAULT_LAYOUT, disk_url
+from testbed.storage import DEFAULT_LAYOUT, create_disk_argv, disk_url
 
 REPO = Path(__file__).resolve().parents[1]
 EXP3 = REPO / "experiments" / "exp3.yml"
@@ -75,8 +75,7 @@ def kernel_vm(embedded_lab: Lab, pm: Host) -> Iterator[tuple[QemuDriver, Path]]:
     driver.destroy_vm(VM)  # a leftover of an interrupted run
     url = disk_url(embedded_lab, VM, pm.name)
     root = f"nfs://{pm.address}{DEFAULT_LAYOUT.share(pm.name) / KERNEL_ROOT}"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", root, "-F", "qcow2", url],
-                   check=True, timeout=60)
+    subprocess.run(create_disk_argv(url, backing=root), check=True, timeout=60)
     driver.create_vm(VMSpec(VM, memory_mb=200, vcpus=4, disk=url), pm.name)
     yield driver, Path(str(DEFAULT_LAYOUT.disk(VM, pm.name)))
     driver.destroy_vm(VM)

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from testbed.lab import Lab, LabHost
-from testbed.storage import DEFAULT_LAYOUT, StorageLayout, disk_url, spread
+from testbed.storage import DEFAULT_LAYOUT, StorageLayout, create_disk_argv, disk_url, spread
 
 ROLE_DEFAULTS = Path(__file__).resolve().parent.parent / "roles" / "vm_storage" / "defaults" / "main.yml"
 
@@ -161,3 +161,24 @@ def test_each_pms_storage_daemons_live_in_its_namespace_and_cgroup(embedded_lab:
         for proc in (ganesha, *sshfs):
             assert os.stat(proc / "ns" / "net").st_ino == os.stat(Path("/run/netns") / pm.name).st_ino
             assert f"cpu:/testbed/{pm.name}\n" in (proc / "cgroup").read_text()
+
+
+def test_a_vm_disk_is_born_at_its_full_size(tmp_path: Path) -> None:
+    """QEMU's nfs:// driver never rereads a file's length, so a disk that grew during a pre-copy
+    read as zeros past its old end on the destination: every VM disk is created at its full size
+    (preallocated metadata), an overlay still reading its backing file where it wrote nothing."""
+    backing = tmp_path / "root.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(backing), "64M"], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 0x5a 1M 64k", str(backing)], check=True, capture_output=True)
+    overlay, blank = tmp_path / "vm.qcow2", tmp_path / "blank.qcow2"
+    subprocess.run(create_disk_argv(str(overlay), backing=str(backing)), check=True)
+    subprocess.run(create_disk_argv(str(blank), size="64M"), check=True)
+    assert overlay.stat().st_size >= 64 << 20 and blank.stat().st_size >= 64 << 20
+    read = subprocess.run(["qemu-io", "-c", "read -P 0x5a 1M 64k", str(overlay)], capture_output=True, text=True,
+                          check=False)
+    assert "Pattern verification failed" not in read.stdout and read.returncode == 0, read.stdout
+    size = overlay.stat().st_size
+    subprocess.run(["qemu-io", "-c", "write -P 0x33 40M 1M", str(overlay)], check=True, capture_output=True)
+    assert overlay.stat().st_size == size  # a write does not grow it
+    with pytest.raises(ValueError, match="either a size or a backing file"):
+        create_disk_argv(str(overlay))

@@ -49,6 +49,7 @@ from testbed.drivers.base import (
 )
 from testbed.drivers.qemu_memcheck import RamComparison, compare_ram
 from testbed.drivers.qemu_snapshot import BootSnapshots, pass_fd
+from testbed.storage import create_disk_argv
 
 STATE_DIR = Path("/var/lib/testbed/vms")
 IMAGE_DIR = Path("/var/lib/testbed/images/qemu")
@@ -485,7 +486,7 @@ class QemuDriver:
         if spec.disk is not None:
             return spec
         disk = self._vm_dir(spec.name) / "disk.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "256M"], check=True)
+        subprocess.run(create_disk_argv(str(disk), size="256M"), check=True)
         return VMSpec(spec.name, spec.memory_mb, spec.vcpus, str(disk))
 
     def destroy_vm(self, vm: str) -> None:

@@ -439,19 +439,19 @@ class LabExecutor:
     def _prepare_disks(self, run: Run) -> dict[str, Any]:
         """A fresh disk per VM on its owner PM's share, created over nfs:// (the reachability
         check: the owner's NFS server answered and wrote it)."""
-        from testbed.storage import DEFAULT_LAYOUT, disk_url, spread
+        from testbed.storage import DEFAULT_LAYOUT, create_disk_argv, disk_url, spread
 
         owners = spread(list(run.placement), [pm.name for pm in self.lab.pms])
         disks = {vm: disk_url(self.lab, vm, owner) for vm, owner in owners.items()}
 
         def create(vm: str) -> str | None:
             owner = owners[vm]
-            size = ["256M"]
             if run.variant.app == "kernel":  # an overlay of the root disk (its size), over nfs:// too
                 root = f"nfs://{self.lab.host(owner).address}{DEFAULT_LAYOUT.share(owner) / KERNEL_ROOT}"
-                size = ["-b", root, "-F", "qcow2"]
-            proc = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", disks[vm], *size],
-                                  capture_output=True, text=True, timeout=60, check=False)
+                argv = create_disk_argv(disks[vm], backing=root)
+            else:
+                argv = create_disk_argv(disks[vm], size="256M")
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
             return None if proc.returncode == 0 else proc.stderr.strip() or f"exit {proc.returncode}"
 
         with ThreadPoolExecutor(max_workers=len(disks)) as pool:
