@@ -1,8 +1,10 @@
 """`testbed bench migration`: one VM migrated PM1 -> PM2 on the lab, measured for real.
 
-The VM runs Synthetic1 (and, with --dirty-mbps, a memory writer dirtying that many MB/s), so the
-migration moves a busy guest; afterwards the bench checks that Synthetic1's block counter kept
-climbing on the destination and that the guest never booted again (`continued`). The links of
+The VM runs Synthetic1 (and, with --dirty-mbps, workloads/pagecheck.c dirtying half the memory its
+kernel leaves at that many MB/s while checking every page it rewrites), so the migration moves a busy guest;
+afterwards the bench checks that Synthetic1's block counter kept climbing on the destination and
+that the guest never booted again (`continued`), and reads pagecheck's own count of pages it found
+stale or damaged (`guest_pages_bad`: a page a pre-copy lost, seen from inside the guest). The links of
 both PMs run at --rate for the bench's duration (their lab rate is restored afterwards), and
 the record is printed as one JSON object on the last stdout line.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import subprocess
 import sys
@@ -30,11 +33,16 @@ from testbed.lab import DEFAULT_INVENTORY, Lab, LabHost, load_lab, parse_rate
 BENCH_BLOCKS = 2_000_000
 REPORT_EVERY = 100
 MAX_MIGRATIONS = 200  # --migrations: bounded, as every loop here
-#: The memory writer stops by itself after this long (s), whatever happens to the bench.
+#: The memory dirtier stops by itself after this long (s), whatever happens to the bench.
 WRITER_SECONDS = 900
+#: What the guest's Debian 6.1 kernel keeps of its RAM (measured: 64,412 kB reserved of 130,548 kB,
+#: 46 MB free in a 128 MB guest): pagecheck gets half of the rest, since half of all of it (64 MB of
+#: a 128 MB guest) was OOM-killed in the guest before dirtying anything.
+GUEST_KERNEL_MB = 64
 #: tbf bucket as the lab_host role sizes it: 10 ms of traffic, at least 16 kB, 50 ms queue.
 TBF_BURST_S, TBF_MIN_BURST, TBF_LATENCY = 0.01, 16_000, "50ms"
 _BLOCK = re.compile(r"^block (\d+)$")
+_PAGECHECK = re.compile(r"^(checked|done) (\d+) bad (\d+)$")
 D = TypeVar("D", bound=Driver)
 
 
@@ -48,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--migrations {args.migrations}: must be within 1..{MAX_MIGRATIONS}")
     if args.verify_memory and args.mode == "postcopy":
         raise InputError("--verify-memory: in post-copy the destination runs before it holds every page")
-    return bench(args, QemuDriver, _migrate_busy_vm, _summary, extra=_ram_checks)
+    return bench(args, QemuDriver, _migrate_busy_vm, _summary, extra=_integrity)
 
 
 def bench(args: argparse.Namespace, make_driver: Callable[[list[Host]], D],
@@ -58,7 +66,8 @@ def bench(args: argparse.Namespace, make_driver: Callable[[list[Host]], D],
     """What every technique's bench does around its own migration (after its own option
     checks): check the shared options, provision the lab if absent, create the VM on PM1 with
     both PMs' links at --rate, always destroy it, and print the summary then the JSON last line
-    (the record, `continued`, the options, and the technique's `extra` fields)."""
+    (the record, `continued`, the options, and the technique's `extra` fields). Exits 1 when
+    the migration failed, the guest did not go on, or pages were lost."""
     if args.dirty_mbps < 0:
         raise InputError(f"--dirty-mbps {args.dirty_mbps}: must be >= 0")
     try:
@@ -81,8 +90,16 @@ def bench(args: argparse.Namespace, make_driver: Callable[[list[Host]], D],
     result = record.as_dict() | {"continued": continued, "rate": args.rate,
                                  "dirty_mbps": args.dirty_mbps, "compress": args.compress} | extra(record)
     summary(result)
+    lost = bool(result.get("pages_differ") or result.get("guest_pages_bad"))
+    if lost:
+        print(f"bench: the migrations lost pages: {result.get('pages_differ', '-')} differed host-side, "
+              f"{result.get('guest_pages_bad', '-')} found bad by the guest", file=sys.stderr)
+    unchecked = "guest_pages_checked" in result and result["guest_pages_checked"] is None
+    if unchecked:
+        print(f"bench: the guest's page checker did not go round its buffer after the last migration "
+              f"(its last line: {result.get('guest_last_line')!r})", file=sys.stderr)
     print(json.dumps(result))
-    return 0 if record.status == "completed" and continued else 1
+    return 0 if record.status == "completed" and continued and not lost and not unchecked else 1
 
 
 def _migrate_busy_vm(driver: QemuDriver, vm: str, destination: Host,
@@ -90,9 +107,10 @@ def _migrate_busy_vm(driver: QemuDriver, vm: str, destination: Host,
     """Migrate the busy VM --migrations times, PM1 -> PM2 -> PM1 ...; the last record, with the
     RAM comparison of every migration (--verify-memory) in its details."""
     loop = driver.start_workload(vm, ["synthetic1", str(BENCH_BLOCKS), str(REPORT_EVERY)])
+    dirtier, size = None, dirtier_mb(args.memory)
     if args.dirty_mbps > 0:
-        size = max(8, args.memory // 2)
-        driver.start_workload(vm, ["memwriter", str(size), f"{args.dirty_mbps:g}", str(WRITER_SECONDS)])
+        dirtier = driver.start_workload(vm, ["pagecheck", str(size), f"{args.dirty_mbps:g}", str(WRITER_SECONDS)])
+        wait_progress(driver, dirtier, _pagecheck_reports, after=0.0, count=1)  # dirtying when the migration starts
     wait_blocks(driver, loop, after=0.0, count=2)
     compression = None if args.compress == "none" else args.compress
     ends = [destination.name, driver.hosts()[0].name]
@@ -107,15 +125,48 @@ def _migrate_busy_vm(driver: QemuDriver, vm: str, destination: Host,
     record.details["ram_checks"] = checks
     if record.status != "completed":
         return record, False
-    return record, continued(driver, loop, record)
+    went_on = continued(driver, loop, record)
+    if dirtier is not None:
+        record.details["guest_pages"] = guest_pages(driver, dirtier, size, args.dirty_mbps,
+                                                    after=record.start + record.total_time_s)
+    return record, went_on
 
 
-def _ram_checks(record: MigrationRecord) -> dict[str, object]:
-    """The JSON line's integrity figures, summed over the migrations (--verify-memory)."""
+def dirtier_mb(memory_mb: int) -> int:
+    """pagecheck's buffer in a guest of `memory_mb`: half of what the guest's kernel leaves (16 MB
+    at the smallest guest, MIN_MEMORY_MB)."""
+    return (memory_mb - GUEST_KERNEL_MB) // 2
+
+
+def guest_pages(driver: Driver, dirtier: WorkloadRun, size_mb: int, rate_mbps: float,
+                after: float) -> dict[str, int | None]:
+    """pagecheck's own counts once it has gone round its whole buffer after `after` (the last
+    migration's end), so that a page any migration lost has been checked again: pages checked
+    so far and pages found stale or damaged. Its last line ("done": a check of every page as it
+    ends) counts as a round too, since a slow lab can outlast its SECONDS. None when neither
+    came after `after` (pagecheck ended before, or the guest died); its last line says which."""
+    rounds = math.ceil(size_mb / rate_mbps) + 2  # it reports once a second
+    wait_progress(driver, dirtier, _pagecheck_reports, after, count=rounds, timeout_s=rounds + 60)
+    reports = [(m[1], int(m[2]), int(m[3])) for t, line in list(dirtier.output)
+               if t > after and (m := _PAGECHECK.match(line))]
+    whole = len(reports) >= rounds or any(kind == "done" for kind, _, _ in reports)
+    checked, bad = reports[-1][1:] if whole else (None, None)
+    last = dirtier.output[-1][1] if dirtier.output else None
+    return {"guest_pages_checked": checked, "guest_pages_bad": bad, "guest_last_line": last}
+
+
+def _pagecheck_reports(run: WorkloadRun) -> list[tuple[float, int]]:
+    return [(t, int(m[2])) for t, line in list(run.output) if (m := _PAGECHECK.match(line))]
+
+
+def _integrity(record: MigrationRecord) -> dict[str, object]:
+    """The JSON line's integrity figures: pagecheck's own counts (--dirty-mbps), and the host's
+    RAM comparisons summed over the migrations (--verify-memory)."""
+    guest = record.details.get("guest_pages", {})
     checks = [c for c in record.details.get("ram_checks", []) if isinstance(c, dict)]
     if not checks:
-        return {}
-    return {"pages_compared": sum(c["pages_compared"] for c in checks),
+        return guest
+    return guest | {"pages_compared": sum(c["pages_compared"] for c in checks),
             "pages_differ": sum(c["pages_differ"] for c in checks),
             "migrations_verified": len(checks),
             "migrations_losing_pages": sum(1 for c in checks if c["pages_differ"]),

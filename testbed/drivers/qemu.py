@@ -68,6 +68,13 @@ VM_CONTROLLERS = ("cpu", "cpuacct")
 TCG_RAM_PAD_KIB = 8
 #: Far above any lab link: the shaped link, not QEMU, must set the migration rate.
 UNCAPPED_BYTES_PER_S = 100 * 2**30
+#: Xen 3.2's pre-copy bounds (xc_domain_save: max_iters 29, max_factor 3), which the thesis' Xen
+#: had: after 29 rounds, or once 3x the guest's RAM was sent, the domain is suspended and the rest
+#: copied. QEMU's own rule (stop only when the rest fits its 300 ms downtime limit) never ends
+#: while a guest dirties memory faster than the link carries it; past these bounds the driver
+#: raises the downtime limit to QEMU's maximum, so the next round is the last, as in Xen.
+XEN_MAX_ROUNDS, XEN_MAX_FACTOR = 29, 3
+MAX_DOWNTIME_LIMIT_MS = 2_000_000  # QEMU's upper bound for downtime-limit (2,000 s)
 _WORD = re.compile(r"^[A-Za-z0-9._/=:,+-]+$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,40}$")
 
@@ -797,7 +804,7 @@ class _Migration:
             await src.execute("migrate", {"uri": f"tcp:{self.destination.address}:{port}"})
             if postcopy:
                 await src.execute("migrate-start-postcopy")
-            info = await _wait_migration(src)
+            info = await _wait_migration(src, bounded=self.mode is MigrationMode.PRECOPY)
             self.phases["transfer_s"] = time.time() - t
             self.wire_bytes = _tx_bytes(self.source) - sent_before
             if info["status"] != "completed":
@@ -859,6 +866,7 @@ class _Migration:
                 # What the source PM's lab interface sent meanwhile (all its traffic): with
                 # compression the only measure of the wire, as QEMU counts payload bytes.
                 "wire_bytes": self.wire_bytes,
+                "precopy_bounded": info.get("precopy_bounded", False),
                 **({"ram_check": self.ram_check.as_dict()} if self.ram_check else {}),
             },
         )
@@ -967,13 +975,25 @@ async def _incoming_port(dst: QMPClient) -> int:
     raise QemuError("destination QEMU reported no listening port")
 
 
-async def _wait_migration(src: QMPClient) -> dict:
-    """Poll the source until the migration ends; returns its last `query-migrate`."""
+async def _wait_migration(src: QMPClient, bounded: bool = False) -> dict:
+    """Poll the source until the migration ends; returns its last `query-migrate`, with
+    `precopy_bounded` True when `bounded` (pre-copy) and Xen's bounds ended the pre-copy."""
+    forced = False
     while True:
         info = await src.execute("query-migrate")
         if info.get("status") in ("completed", "failed", "cancelled"):
-            return info
+            return info | {"precopy_bounded": forced}
+        if bounded and not forced and past_xen_bounds(info.get("ram", {})):
+            await src.execute("migrate-set-parameters", {"downtime-limit": MAX_DOWNTIME_LIMIT_MS})
+            forced = True
         await asyncio.sleep(0.02)
+
+
+def past_xen_bounds(ram: dict) -> bool:
+    """Whether a pre-copy's `query-migrate` RAM counters are past Xen 3.2's bounds."""
+    total = ram.get("total") or 0
+    return (ram.get("dirty-sync-count", 0) > XEN_MAX_ROUNDS
+            or (total > 0 and ram.get("transferred", 0) >= XEN_MAX_FACTOR * total))
 
 
 async def _wait_left_inmigrate(dst: QMPClient) -> None:
