@@ -14,6 +14,7 @@ Rules, in the order a round applies them (each round is logged with the rule tha
 - a VM migrated less than `cooldown` seconds ago (successfully or not) is not moved again:
   the round is logged as `cooldown` and nothing happens (no ping-pong, no retry storm);
 - `dry_run`: the decision is logged as it would be ordered, never sent.
+The gate and the action are testbed/manager/round_rule.py's, which the simulator's CC shares.
 State that must survive a restart (drained PMs, pause, cool-down clocks, counts, and the
 config set at run time when the CC comes back with the flags it had) is rebuilt from the event
 log, which is the only state the CC keeps on disk."""
@@ -32,6 +33,7 @@ from fastapi import FastAPI, HTTPException, Query
 from testbed.balancer import Decision, Policy, get_policy
 from testbed.balancer.assign_u import AssignU
 from testbed.errors import InputError
+from testbed.manager import round_rule
 from testbed.manager.api import (
     CcConfig,
     CcStatus,
@@ -159,24 +161,16 @@ class CentralController:
         return self.last_round
 
     def _gate(self, no_lcs: bool) -> str | None:
-        """Why this round may not decide at all, or None."""
-        if no_lcs:
-            return "no-lc"
-        if self.paused:
-            return "paused"
-        if self.in_flight is not None:
-            return "in-flight"
-        if time.monotonic() < self.settle_until:
-            return "settling"
-        return None
+        """Why this round may not decide at all, or None (the rule: round_rule.gate)."""
+        return round_rule.gate(no_lcs=no_lcs, paused=self.paused, in_flight=int(self.in_flight is not None),
+                               now=time.monotonic(), settle_until=self.settle_until)
 
     def _action_for(self, order: MigrateOrder | None, draining: bool) -> str:
-        if order is None:
-            return "balanced"
-        recent = time.time() - self.migrated_at.get(order.vm, float("-inf")) < self.config.cooldown
-        if recent and not draining:
-            return "cooldown"
-        return "dry-run" if self.config.dry_run else "migrate"
+        """What becomes of the round's order (the rule: round_rule.action)."""
+        return round_rule.action(
+            order is not None, now=time.time(), cooldown=self.config.cooldown, draining=draining,
+            migrated_at=float("-inf") if order is None else self.migrated_at.get(order.vm, float("-inf")),
+            dry_run=self.config.dry_run)
 
     def _migrate(self, order: MigrateOrder, label: str | None) -> None:
         try:
@@ -193,7 +187,7 @@ class CentralController:
             self.migrations += outcome.ok
             self.failed_migrations += not outcome.ok
             self.in_flight = None
-            self.settle_until = time.monotonic() + self.config.interval
+            self.settle_until = round_rule.settle_until(time.monotonic(), self.config.interval)
 
     # -- control ---------------------------------------------------------------------------
 

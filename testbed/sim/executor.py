@@ -70,6 +70,7 @@ def scenario(
     concurrency: int = 1,
     horizon_s: float | None = None,
     record_cpu: bool = True,
+    dry_run: bool = False,
 ) -> Scenario:
     """A scenario from an experiment's terms (placement: 1-based PM per VM, as layouts give it)."""
     vms = [
@@ -85,6 +86,7 @@ def scenario(
         vms,
         cal,
         policy=None if policy is None else get_policy(policy, **params),
+        dry_run=dry_run,
         mode=mode,
         interval_s=interval_s,
         cooldown_s=cooldown_s,
@@ -195,7 +197,8 @@ class SimExecutor:
             cal=self.cal,
             cluster=self.cluster,
             link_rate=variant.link_rate,
-            policy=b.policy if variant.migration else None,
+            policy=b.policy,
+            dry_run=not variant.migration,  # as the lab's runner configures the CC
             params=dict(b.params),
             mode=variant.mode or b.mode or self.default_mode(),
             interval_s=times.interval_s,

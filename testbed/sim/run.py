@@ -6,7 +6,8 @@ interval, builds the balancer Snapshot in the same units as testbed.manager.snap
 100 x CPUs, a VM's cpu = its use x 100, the PM's measured load including migration machinery),
 and decides nothing while a migration is in flight (`concurrency` of them; the thesis: one) or
 for one interval after one ends ("settling"); a VM moved less than `cooldown_s` ago is not moved
-again. The policy is testbed.balancer's, by name, so the same rule decides here and in the lab.
+again. Those rules are testbed/manager/round_rule.py's, which the real CC calls too, and the
+policy is testbed.balancer's, by name, so the same rule decides here and in the lab.
 With concurrency > 1 the policy is asked again on the snapshot with its last move applied
 (Snapshot.apply), once per free slot.
 
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from testbed.balancer import Policy, Snapshot
+from testbed.manager import round_rule
 from testbed.sim.calibration import Calibration
 from testbed.sim.engine import Engine, Flight, Step
 
@@ -48,7 +50,8 @@ class Scenario:
     link_bytes_s: np.ndarray
     vms: list[SimVM]
     cal: Calibration
-    policy: Policy | None = None  # None: no migration (the CC only watches)
+    policy: Policy | None = None  # None: nothing decides (the CC's `paused`: it only watches)
+    dry_run: bool = False  # the policy decides, nothing moves (the lab's runs without migration)
     mode: str = "precopy"
     interval_s: float = 10.0
     cooldown_s: float = 60.0
@@ -143,18 +146,22 @@ class _Controller:
             self.balanced_at = engine.t
         return vm_cpu, host_cpu
 
-    def _round(self, engine: Engine, vm_cpu: np.ndarray, host_cpu: np.ndarray) -> None:
+    def _note_ended(self, engine: Engine) -> None:
+        """Start the cool-down and settling clocks of the migrations that ended since last time
+        (at their end, as the real CC does)."""
         for f in engine.done_flights[self.seen_done :]:
             self.migrated_at[f.vm] = f.end_at
-            self.settle_until = max(self.settle_until, f.end_at + self.sc.interval_s)
+            self.settle_until = max(self.settle_until, round_rule.settle_until(f.end_at, self.sc.interval_s))
         self.seen_done = len(engine.done_flights)
-        if self.sc.policy is None:
-            return self._count("dry-run")
-        free = self.sc.concurrency - len(engine.flights)
-        if free <= 0:
-            return self._count("in-flight")
-        if engine.t < self.settle_until:
-            return self._count("settling")
+
+    def _round(self, engine: Engine, vm_cpu: np.ndarray, host_cpu: np.ndarray) -> None:
+        self._note_ended(engine)
+        policy = self.sc.policy
+        reason = round_rule.gate(no_lcs=False, paused=policy is None, in_flight=len(engine.flights),
+                                 now=engine.t, settle_until=self.settle_until, concurrency=self.sc.concurrency)
+        if reason is not None:
+            return self._count(reason)
+        assert policy is not None  # the gate says `paused` without one
         snap = Snapshot(
             host_names=self.host_sorted,
             capacity=100.0 * engine.capacity[self.host_order],
@@ -164,18 +171,19 @@ class _Controller:
             vm_host=self.rank[engine.vm_host[self.vm_order]],
         )
         action = "balanced"
-        for _ in range(free):
-            move = self.sc.policy(snap).migration
-            if move is None:
-                break
-            vm = int(self.vm_order[snap.vm_index(move.vm)])
-            if engine.t - self.migrated_at[vm] < self.sc.cooldown_s or any(
-                f.vm == vm for f in engine.flights
-            ):
-                action = "cooldown" if action == "balanced" else action
+        for _ in range(self.sc.concurrency - len(engine.flights)):
+            move = policy(snap).migration
+            vm = None if move is None else int(self.vm_order[snap.vm_index(move.vm)])
+            this = round_rule.action(
+                vm is not None, now=engine.t, cooldown=self.sc.cooldown_s, dry_run=self.sc.dry_run,
+                migrated_at=-np.inf if vm is None else float(self.migrated_at[vm]),
+                moving=any(f.vm == vm for f in engine.flights),
+            )
+            if this != "migrate":  # balanced, cooldown or dry-run: the round's first answer is its action
+                action = this if action == "balanced" else action
                 break
             engine.migrate(vm, int(self.host_order[snap.host_index(move.destination)]), self.sc.mode)
-            self.migrated_at[vm] = engine.t
+            self._note_ended(engine)  # a migration that took no time has ended already
             action = "migrate"
             snap = snap.apply(move)
         self._count(action)
