@@ -125,7 +125,9 @@ def test_assign_u_moves_the_vm_whose_move_lowers_the_potential_most(doc, base):
         if clearly_violates(d, h) or not clearly_holds(d, h):
             drops[v] = max(drops.get(v, -math.inf), d - h)
     best = max(drops.values())
-    assert drops.get(decision.migration.vm, -math.inf) >= best * (1 - 1e-6)
+    # A relative tolerance either side of zero: near-ties at the equilibrium's edge have best <= 0,
+    # where best * (1 - 1e-6) would lie above best (the rare failure this once had).
+    assert drops.get(decision.migration.vm, -math.inf) >= best - 1e-6 * abs(best) - 1e-12
 
 
 def potential_change(before: Snapshot, after: Snapshot, move: Migration, base: float) -> float:
