@@ -100,6 +100,23 @@ def test_resume_skips_recorded_runs_in_the_same_order(tmp_path):
         assert len(store.manifest()["sessions"]) == 3
 
 
+def test_a_campaign_runs_in_parts_by_variant_into_one_directory(tmp_path):
+    """--variant: a campaign too long for one sitting runs some variants now, the rest later."""
+    spec = small_spec()
+    full = [r.run_id for r in plan(spec)]
+    part = ["synthetic1.unbalanced.mig"]
+    assert {c.variant.id for c in cells(spec, variants=part)} == set(part)
+    with ResultsStore(tmp_path) as store:
+        first = FakeExecutor()
+        run_campaign(spec, store, first, variants=part)
+        assert sorted(first.executed) == sorted(i for i in full if ".synthetic1.unbalanced.mig." in i)
+        assert shortfall(spec, cells(spec, variants=part), store.statuses) == {}
+        assert shortfall(spec, cells(spec), store.statuses)
+        rest = FakeExecutor()
+        run_campaign(spec, store, rest)
+        assert sorted(rest.executed) == sorted(i for i in full if i not in first.executed)
+
+
 def test_invalid_runs_are_kept_and_replaced(tmp_path):
     spec = small_spec()
     bad = "qemu.synthetic1.unbalanced.mig.r2"

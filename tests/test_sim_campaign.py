@@ -260,6 +260,9 @@ def _study_with(tmp_path: Path, **changes) -> Path:
 
 
 BAD_SIM_COMMANDS = {
+    "run --technique sim --variant unknown": (
+        lambda t: ["run", str(_sim_spec(t)), "--technique", "sim", "--variant", "synthetic1.nowhere.mig"],
+        "--variant: 'synthetic1.nowhere.mig' is not a variant of"),
     "sim run --results on a file": (
         lambda t: ["sim", "run", str(_sim_spec(t)), "--results", str(_a_file(t))], "exists and is not a directory"),
     "study --sizes 0": (lambda t: ["sim", "study", str(STUDY), "--sizes", "0", "--results", str(t / "out")],

@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
@@ -40,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="results directory (default: results/<spec name>)")
     parser.add_argument("--technique", action="append", default=None, metavar="T",
                         help="run only this technique of the spec (repeatable)")
+    parser.add_argument("--variant", action="append", default=None, metavar="ID",
+                        help="run only this variant, named as in run ids, e.g. kernel.unbalanced.mig "
+                        "(repeatable; the rest can run later into the same results directory)")
     parser.add_argument("--ci-width", type=float, default=None, metavar="P",
                         help="add repetitions until every VM's 95%% CI is within ±P %% of its mean")
     parser.add_argument("--max-reps", type=int, default=None, help="cap on repetitions per variant")
@@ -102,12 +106,23 @@ def _checked(args: argparse.Namespace):
             raise InputError(f"--technique: {technique!r} is not one of {args.spec}'s techniques "
                              f"({', '.join(spec.techniques)})")
     (migration_study if spec.kind == "migration" else executor).supported(spec, techniques)
+    checked_variants(spec, techniques, args.variant, args.spec)
     results = args.results or Path("results") / spec.name
     manifest = read_manifest(results)
     if manifest and manifest.get("spec_fingerprint") != spec_fingerprint(spec):
         raise InputError(f"--results: {results} holds results of another spec or scale "
                          f"({manifest.get('experiment')}); choose another directory")
     return spec, lab, techniques, results
+
+
+def checked_variants(spec: Spec, techniques: Sequence[str], wanted: Sequence[str] | None,
+                     path: str) -> Sequence[str] | None:
+    """--variant's ids, each checked to name a variant of the chosen techniques (None: all)."""
+    ids = sorted({v.id for t in techniques for v in spec.variants(t)})
+    for variant in wanted or ():
+        if variant not in ids:
+            raise InputError(f"--variant: {variant!r} is not a variant of {path} ({', '.join(ids)})")
+    return wanted
 
 
 def _interruptible() -> None:
@@ -154,7 +169,8 @@ def run(args: argparse.Namespace) -> int:
         began = time.monotonic()
         failure: CampaignFailed | None = None
         try:
-            executed = run_campaign(spec, store, executor, techniques=techniques, ci_width=args.ci_width,
+            executed = run_campaign(spec, store, executor, techniques=techniques, variants=args.variant,
+                                    ci_width=args.ci_width,
                                     max_reps=args.max_reps, provenance=provenance, on_progress=display.update,
                                     max_failures=args.max_failures)
         except CampaignFailed as err:
@@ -169,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     minutes = (time.monotonic() - began) / 60
     summary = ", ".join(f"{n} {s}" for s, n in sorted(Counter(statuses.values()).items()))
     print(f"{spec.name}: {executed} runs executed in {minutes:.1f} min; recorded: {summary}; results in {results}")
-    if short := shortfall(spec, cells(spec, techniques), statuses):
+    if short := shortfall(spec, cells(spec, techniques, args.variant), statuses):
         cells_short = ", ".join(f"{key} ({ok} of {spec.repetitions})" for key, ok in sorted(short.items()))
         print(f"testbed run: {spec.name}: fewer ok runs than planned in {cells_short}; the failed runs' "
               f"details are in {results / 'runs'}", file=sys.stderr)

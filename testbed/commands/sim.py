@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from testbed.commands.run import overridden, time_scale_arg
+from testbed.commands.run import checked_variants, overridden, time_scale_arg
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -84,6 +84,7 @@ def run_simulated(args: argparse.Namespace) -> int:
     if spec.kind != "balancing":
         raise InputError(f"{args.spec}: kind: the simulator runs balancing experiments, not {spec.kind!r}")
     spec = spec_with(spec, techniques=[SIMULATOR])
+    variants = checked_variants(spec, [SIMULATOR], getattr(args, "variant", None), args.spec)
     cal, name = load_calibration(args.calibration)
     executor = SimExecutor(cal, name)
     results = args.results or Path("results") / f"{spec.name}-sim"
@@ -93,6 +94,7 @@ def run_simulated(args: argparse.Namespace) -> int:
             spec,
             store,
             executor,
+            variants=variants,
             ci_width=getattr(args, "ci_width", None),
             max_reps=getattr(args, "max_reps", None),
             provenance=executor.manifest_fields() | {"manager_times": executor.manager_times(spec).as_dict()},

@@ -114,10 +114,12 @@ def run_id(technique: str, variant: Variant, rep: int) -> str:
     return f"{technique}.{variant.id}.r{rep}"
 
 
-def cells(spec: Spec, techniques: Sequence[str] | None = None) -> list[Cell]:
-    """Every (technique, variant) of the spec, optionally only some techniques."""
+def cells(spec: Spec, techniques: Sequence[str] | None = None,
+          variants: Sequence[str] | None = None) -> list[Cell]:
+    """Every (technique, variant) of the spec, optionally only some techniques and variant ids
+    (a campaign too long for one sitting runs its variants in parts into one results directory)."""
     chosen = spec.techniques if techniques is None else [t for t in spec.techniques if t in techniques]
-    return [Cell(t, v) for t in chosen for v in spec.variants(t)]
+    return [Cell(t, v) for t in chosen for v in spec.variants(t) if variants is None or v.id in variants]
 
 
 def round_order(members: Sequence[Cell], seed: int, rep: int, previous_last: Cell | None) -> list[Cell]:
@@ -255,14 +257,15 @@ def open_campaign(spec: Spec, store: ResultsStore, provenance: Mapping[str, Any]
 
 
 def run_campaign(spec: Spec, store: ResultsStore, executor: RunExecutor, *,
-                 techniques: Sequence[str] | None = None, ci_width: float | None = None,
+                 techniques: Sequence[str] | None = None, variants: Sequence[str] | None = None,
+                 ci_width: float | None = None,
                  max_reps: int | None = None, provenance: Mapping[str, Any] | None = None,
                  on_progress: Callable[[Progress], None] | None = None,
                  max_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES) -> int:
     """Execute every pending run and record it; returns the number of runs executed now. Raises
     CampaignFailed, the runs recorded, after `max_failures` runs in a row that were not ok."""
     open_campaign(spec, store, provenance)
-    chosen = cells(spec, techniques)
+    chosen = cells(spec, techniques, variants)
     durations: list[float] = []
     failed_in_a_row = 0
     while pending := pending_runs(spec, chosen, store.statuses, store.exec_times, ci_width, max_reps):
