@@ -193,3 +193,25 @@ def test_prober_runs_as_a_script_without_the_testbed() -> None:
     done = subprocess.run(["python3", "-I", "-S", str(GAME_PROBER), "--help"], capture_output=True, text=True,
                           timeout=30, check=False, cwd="/")
     assert done.returncode == 0 and "getstatus" in done.stdout, done.stderr
+
+
+def test_appendix_a_takes_game_as_its_comment_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """experiments/appendix_a.yml leaves `game` off its app axis (its package is opt-in) and says how
+    to add it: so added, containers run it at the full rate only, QEMU not at all."""
+    from testbed.runner import executor
+    from testbed.spec import load_spec
+
+    monkeypatch.setattr(executor, "machine_swap_mb", lambda: 0)
+    monkeypatch.setattr(services, "game_missing", lambda: None)
+    spec = load_spec(Path(__file__).resolve().parents[1] / "experiments" / "appendix_a.yml")
+    assert "game" not in spec.matrix.app
+    rates = [rate for rate in spec.matrix.link_rate if rate != "100mbit"]
+    raw = spec.model_dump(exclude_none=True)
+    raw["matrix"]["app"].append("game")
+    raw["exclude"] += [{"technique": "qemu", "app": "game"}, *({"app": "game", "link_rate": r} for r in rates)]
+    with_game = parse_spec(raw)
+    migration_study.supported(with_game, ["container"])
+    migration_study.supported(with_game, ["qemu"])
+    assert {(v.link_rate, v.compression) for v in with_game.variants("container") if v.app == "game"} == {
+        ("100mbit", c) for c in ("none", "bzip2", "zstd")}
+    assert not [v for v in with_game.variants("qemu") if v.app == "game"]
