@@ -154,13 +154,14 @@ def test_game_server_answers_stalls_when_stopped_and_answers_again(tmp_path: Pat
                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + SERVER_READY_S
-        while _figures(_prober(port, 1))["answered"] == 0:
+        while _figures(_prober(port, 1))["players"] != len(GAME_BOTS):  # answering, its bots in the game
             assert server.poll() is None, log.read_text()[-2000:]
-            assert time.monotonic() < deadline, f"no answer in {SERVER_READY_S:g} s: {log.read_text()[-2000:]}"
-        before = _figures(_prober(port, 4))
+            assert time.monotonic() < deadline, f"not ready in {SERVER_READY_S:g} s: {log.read_text()[-2000:]}"
+        before = _figures(_prober(port, 4, timeout_s=1))
         print("before", before)
-        assert before["sent"] == before["answered"] == 4 and before["players"] == len(GAME_BOTS)
-        assert 0 < before["median_ms"] <= before["max_ms"] < 500
+        assert before["sent"] == before["answered"] + before["late"] == 4 and before["answered"] >= 3
+        assert before["players"] == before["players_min"] == len(GAME_BOTS)
+        assert 0 < before["median_ms"] <= before["max_ms"]
 
         stalled = _prober(port, 5)
         time.sleep(1.2)
@@ -173,9 +174,10 @@ def test_game_server_answers_stalls_when_stopped_and_answers_again(tmp_path: Pat
         print("during", during)
         assert during["sent"] == 5 and during["late"] + during["lost"] >= 1 and during["max_ms"] > 500
 
-        after = _figures(_prober(port, 3))
+        after = _figures(_prober(port, 3, timeout_s=1))
         print("after", after)
-        assert after["sent"] == after["answered"] == 3 and after["players"] == len(GAME_BOTS)
+        assert after["sent"] == after["answered"] + after["late"] == 3 and after["answered"] >= 2
+        assert after["players"] == len(GAME_BOTS)
         assert server.poll() is None
         assert all(f"{bot}^7 entered the game" in log.read_text() for bot in GAME_BOTS)
     finally:
