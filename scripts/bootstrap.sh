@@ -2,10 +2,19 @@
 # Installs everything the testbed needs on a fresh Debian 12 machine, as root: the Debian
 # packages in deps/apt-packages.txt and the Python package (with its lab, analysis and dev
 # extras) in a virtual environment at .venv. Idempotent: a second run changes nothing.
+# --game also installs the opt-in deps/apt-packages-game.txt (the Appendix A study's `game` app:
+# OpenArena's server, ~420 MB of game data); scripts/test.sh passes it.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
-mapfile -t pkgs < <(grep -v '^\s*#' deps/apt-packages.txt | awk 'NF {print $1}')
+lists=(deps/apt-packages.txt)
+for arg in "$@"; do
+    case "$arg" in
+        --game) lists+=(deps/apt-packages-game.txt) ;;
+        *) echo "bootstrap: unknown option $arg (usage: scripts/bootstrap.sh [--game])" >&2; exit 2 ;;
+    esac
+done
+mapfile -t pkgs < <(grep -hv '^\s*#' "${lists[@]}" | awk 'NF {print $1}')
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

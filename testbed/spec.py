@@ -24,8 +24,8 @@ from testbed.runner import layouts
 
 #: What a spec may name: the technique catalogue's (testbed.techniques) spec techniques.
 Technique = Literal[techniques.SPEC_NAMES]  # type: ignore[valid-type]
-#: The last four run in the Appendix A study (kind: migration) only.
-App = Literal["synthetic1", "synthetic-random", "kernel", "allocator", "idle", "http", "database"]
+#: The last five run in the Appendix A study (kind: migration) only.
+App = Literal["synthetic1", "synthetic-random", "kernel", "allocator", "idle", "http", "database", "game"]
 Compression = Literal["none", "bzip2", "zstd", "zlib"]
 Mode = Literal["precopy", "stopcopy", "postcopy"]
 LayoutValue = str | list[int] | dict[str, int]  # a name from layouts.NAMED_LAYOUTS, counts, or PM per VM

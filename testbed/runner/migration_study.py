@@ -13,8 +13,9 @@ measures instead of a balancing run is, in this order:
    back; the inventory's rate comes back when the run ends, whatever ended it;
 3. the app starts: `idle` runs nothing; `allocator` is workloads/memwriter.c (the thesis'
    Allocator) writing every byte of ALLOCATOR_SHARE of the VM's memory once, then holding it;
-   `http` and `database` are servers in the VM under a bounded load from the controller host
-   (testbed.runner.services: Apache2 + httperf, PostgreSQL + pgbench; containers only);
+   `http`, `database` and `game` are servers in the VM under a bounded load from the controller
+   host (testbed.runner.services: Apache2 + httperf, PostgreSQL + pgbench, OpenArena with bots
+   + a getstatus prober; containers only);
    any other app is the first step of the balancing experiments' program for it (chains());
 4. after warmup_s x scale, the VM migrates to the next PM in the technique's mode (the
    variant's, else QEMU pre-copy and containers stop-and-copy) with the variant's compression
@@ -97,7 +98,9 @@ def supported(spec: Spec, techniques: Sequence[str]) -> None:
                 kernel_fits(spec, [name])
             if variant.app in services.SERVICES and not can.services:
                 raise InputError(f"{where}: matrix.app: {variant.app!r} runs in containers only ({can.vm_noun} "
-                                 "has no apache2 or postgres: exclude it for that technique)")
+                                 "has no apache2, postgres or openarena-server: exclude it for that technique)")
+            if variant.app == "game" and (missing := services.game_missing()):
+                raise InputError(f"{where}: matrix.app: 'game': {missing}")
 
 
 class MigrationStudyExecutor(LabExecutor):

@@ -1,6 +1,7 @@
-"""The Appendix A study's server apps: a web server and a database in the VM, each under a
-bounded load sent from the lab's controller host, as the thesis' Http-server (Apache2 under
-httperf at 150 conn/s, 20 calls per connection) and Mysql-server (sql-bench).
+"""The Appendix A study's server apps: a web server, a database and a game server in the VM, each
+under a bounded load sent from the lab's controller host, as the thesis' Http-server (Apache2
+under httperf at 150 conn/s, 20 calls per connection), Mysql-server (sql-bench) and Game (an
+OpenArena server with 2 clients).
 
 - `http`: Debian's stock Apache2 (its own /etc/apache2, mpm_event) serving one of its stock
   icons, /icons/compressed.png (1108 bytes): at the thesis' 3,000 requests/s Debian's 10.7 kB
@@ -13,6 +14,15 @@ httperf at 150 conn/s, 20 calls per connection) and Mysql-server (sql-bench).
   address and trusting the lab network (`samenet`); its dynamic shared memory in the data
   directory, so nothing is left in the host's /dev/shm when the container is destroyed. The load
   is pgbench (TPC-B-like), rate-limited, on tables pgbench -i generated in the server.
+- `game`: Debian's OpenArena dedicated server (openarena-server: ioquake3's ioq3ded with
+  OpenArena's data, run as the package's wrapper runs it, its home in the container's private
+  /tmp), a free-for-all match on oa_dm1 without time or frag limit, played by GAME_BOTS
+  server-side bots: they stand in for the thesis' 2 human clients, as a real client needs a
+  display and speaks Quake 3's Huffman-coded protocol. The load is testbed/runner/q3probe.py on
+  the controller: out-of-band `getstatus` queries at GAME_RATE, each matched to its reply, a
+  round reporting queries answered, late and lost, latency and the players listed. The package
+  is opt-in (~420 MB of game data): game_missing() says what to install, and the study refuses a
+  `game` spec without it.
 
 Everything the VM runs goes through the Driver's start_workload, whose words must hold no white
 space (the container's init takes one line of words): the one file to write (the pg_hba.conf
@@ -27,12 +37,14 @@ PM, which one summary of one long run could not tell.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from testbed.drivers.base import Driver, WorkloadRun
@@ -62,6 +74,19 @@ PG_SCALE = 2  # pgbench -s: 200,000 accounts, ~30 MB
 PG_CLIENTS = 4
 PG_TPS = 100  # pgbench -R: transactions/s all clients together
 PG_HBA_LINE = "host\tall\tall\tsamenet\ttrust\n"
+
+GAME_ENGINE = "/usr/lib/ioquake3/ioq3ded"  # ioquake3-server, what /usr/games/openarena-server runs
+GAME_BASEPATH = "/usr/lib/openarena-server"  # openarena-server: OpenArena's game module and data
+GAME_PACKAGE = "openarena-server"
+GAME_HOME = "/tmp/openarena"
+GAME_PORT = 27960
+GAME_MAP = "oa_dm1"
+GAME_BOTS = ("Angelyss", "Arachna")  # the thesis' 2 clients
+GAME_BOT_SKILL = 2
+#: Queries per second: ioquake3 answers one address a burst of 10, then one a second (q3probe).
+GAME_RATE = 1
+GAME_TIMEOUT_S = 1.0  # a reply later than this counts as late
+GAME_PROBER = Path(__file__).with_name("q3probe.py")
 
 
 class AddressedDriver(Driver, Protocol):
@@ -199,7 +224,57 @@ class Database(Service):
         return Summary(int(figures["transactions"]), int(figures["failed"]) + aborted, figures["tps"], figures)
 
 
-SERVICES: dict[str, Service] = {service.app: service for service in (Http(), Database())}
+def game_server(port: int = GAME_PORT, home: str = GAME_HOME, ip: str | None = None) -> Argv:
+    """The game server's command: the cvars of Debian's wrapper (/usr/games/openarena-server), a
+    LAN server (dedicated 1: no master server heartbeats), IPv4 on `port` (of `ip`, else of every
+    address), a match without limits on GAME_MAP, and GAME_BOTS in it."""
+    cvars = (("com_basegame", "baseoa"), ("fs_basepath", GAME_BASEPATH), ("fs_homepath", home),
+             ("com_legacyprotocol", "71"), ("com_protocol", "71"), ("dedicated", "1"), ("net_enabled", "1"),
+             *((("net_ip", ip),) if ip else ()), ("net_port", str(port)), ("ttycon", "0"), ("sv_maxclients", "8"),
+             ("g_gametype", "0"), ("timelimit", "0"), ("fraglimit", "0"))
+    return (GAME_ENGINE, *(word for name, value in cvars for word in ("+set", name, value)),
+            "+map", GAME_MAP, *(word for bot in GAME_BOTS for word in ("+addbot", bot, str(GAME_BOT_SKILL))))
+
+
+class Game(Service):
+    app = "game"
+    tool = "q3probe"
+    setup = (("mkdir", "-p", GAME_HOME),)
+    server = game_server()
+
+    def ready(self, address: str) -> Argv:
+        return self._probe(address, 1)
+
+    def answered(self, done: subprocess.CompletedProcess[str]) -> bool:
+        return (summary := self.summary(done.stdout)) is not None and summary.done > 0
+
+    def load(self, address: str, seconds: int) -> Argv:
+        return self._probe(address, seconds)
+
+    @staticmethod
+    def _probe(address: str, seconds: int) -> Argv:
+        # Debian's python3, without the venv's site: the controller may have only that.
+        return ("python3", "-I", "-S", str(GAME_PROBER), address, str(GAME_PORT), "--rate", str(GAME_RATE),
+                "--seconds", str(seconds), "--timeout", f"{GAME_TIMEOUT_S:g}")
+
+    def parse(self, output: str) -> Summary:
+        (line,) = [line for line in output.splitlines() if line.startswith('{"')][-1:]
+        figures = {name: float(value) for name, value in json.loads(line).items() if name != "tool"}
+        return Summary(int(figures["answered"]), int(figures["late"] + figures["lost"]),
+                       figures["answered"] / max(1.0, figures["sent"] / GAME_RATE), figures)
+
+
+def game_missing() -> str | None:
+    """What this machine (whose file system the embedded lab's PMs share) lacks for the game
+    server, or None."""
+    missing = [path for path in (GAME_ENGINE, f"{GAME_BASEPATH}/baseoa") if not Path(path).exists()]
+    if not missing:
+        return None
+    return (f"{GAME_PACKAGE} is not installed ({', '.join(missing)} missing): it is opt-in, ~420 MB; install it "
+            "with `bash scripts/bootstrap.sh --game`, or set lab_host_game: true and run `testbed lab up`")
+
+
+SERVICES: dict[str, Service] = {service.app: service for service in (Http(), Database(), Game())}
 
 
 def start_server(service: Service, driver: Driver, vm: str, controller_address: str) -> WorkloadRun:
