@@ -12,7 +12,7 @@ TOP = Path(__file__).resolve().parents[1]
 FIDELITY = TOP / "docs" / "fidelity.md"
 #: The thesis' English digest (not part of the repository; present where the project is developed).
 THESIS_DIGEST = Path("/work/shared/THESIS.md")
-VERDICTS = {"reproduced", "partial", "not yet", "n/a"}
+VERDICTS = {"reproduced", "partial", "not reproduced", "not yet", "n/a"}
 #: Every numbered figure and table of the thesis (its captions: Figura 2.1-2.11, 3.1-3.2,
 #: 4.1-4.15, A.1-A.2; Tabela 4.1-4.3; App. A.6.2's unnumbered phase table, "Table A.1" here)
 #: and its one listing the project reproduces as code (Listagem B.1).
