@@ -100,13 +100,8 @@ def test_pgbench_counts_clients_the_server_dropped_as_errors() -> None:
     assert (summary.done, summary.errors, summary.figures["aborted_clients"]) == (157, 4, 4)
 
 
-#: Not yet run on the lab (issue #16): the game's stand-in is tested natively (tests/test_game.py).
-NOT_ON_THE_LAB_YET = pytest.mark.skip(reason="game: not yet run on the lab (the native test is tests/test_game.py)")
-
-
 @pytest.mark.lab
-@pytest.mark.parametrize("app", [pytest.param(app, marks=NOT_ON_THE_LAB_YET) if app == "game" else app
-                                 for app in sorted(SERVICES)])
+@pytest.mark.parametrize("app", sorted(SERVICES))
 def test_server_answers_its_load_after_a_stop_and_copy_migration(embedded_lab: Lab, app: str) -> None:
     driver = ContainerDriver(lab_driver_hosts(embedded_lab).values())
     name = f"svc-{app}"
