@@ -295,7 +295,13 @@ def _cpu_points(c: Campaign, capacity: float) -> list[tuple[int, float, float]]:
     """(blocks, execution time, CPU-seconds used while it ran) per VM of no-migration Synthetic1 runs."""
     runs = c.ok_runs[(c.ok_runs["app"] == "synthetic1") & ~c.ok_runs["migration"]]
     spec = c.manifest.get("spec", {})
-    blocks = max(1, round(SYNTHETIC1_BLOCKS * float(spec.get("scale", 1.0)))) * int(spec.get("instances", 1))
+
+    def blocks_of(vm: str) -> int:
+        """The VM's Synthetic1 blocks: the spec's scale and instances, or its own (`per_vm`)."""
+        own = (spec.get("per_vm") or {}).get(vm) or {}
+        scale = float(spec.get("scale", 1.0)) * float(own.get("work") or 1.0)
+        return max(1, round(SYNTHETIC1_BLOCKS * scale)) * int(own.get("instances") or spec.get("instances", 1))
+
     samples = c.cpu_samples[c.cpu_samples["run_id"].isin(runs["run_id"]) & (c.cpu_samples["vm"] != "")]
     times = c.vm_times.set_index(["run_id", "vm"])["exec_time_s"]
     points = []
@@ -309,7 +315,7 @@ def _cpu_points(c: Campaign, capacity: float) -> list[tuple[int, float, float]]:
         width = pd.Series(np.diff(np.append(t, max(t_exec, t[-1]))), index=t)
         mine = mine[mine["t_s"] < t_exec]
         points.append(
-            (blocks, t_exec, float((mine["cpu_pct"] / 100 * capacity * mine["t_s"].map(width)).sum()))
+            (blocks_of(vm), t_exec, float((mine["cpu_pct"] / 100 * capacity * mine["t_s"].map(width)).sum()))
         )
     return points
 

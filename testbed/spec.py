@@ -20,6 +20,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from testbed import techniques
 from testbed.errors import InputError, describe_validation_error
+from testbed.manager import Signal
 from testbed.runner import layouts
 
 #: What a spec may name: the technique catalogue's (testbed.techniques) spec techniques.
@@ -57,6 +58,9 @@ class Balancer(_Strict):
     cooldown_s: NonNegative = 60.0
     mode: Mode | None = None  # None: the technique's own (QEMU pre-copy, containers stop-and-copy)
     compression: Compression = "none"  # of every migration the CC orders (what the technique offers)
+    #: What the CC balances on: each VM's CPU use (the thesis) or its demand (use + runnable wait,
+    #: capped at the VM's own limit: testbed/manager/local.py), as `testbed manager cc --signal`.
+    signal: Signal = "use"
     #: How the CC's interval, cool-down and settling follow the work's `scale`: None keeps them as
     #: written at every scale; "auto" multiplies them by the run's scale; a number by that factor
     #: (floored: testbed/runner/time_scale.py).
@@ -83,6 +87,19 @@ class Balancer(_Strict):
         except InputError as err:
             raise _fail(("params",), str(err), self.params) from None
         return self
+
+
+class VmWork(_Strict):
+    """One VM's own work (the spec's `per_vm`), where it departs from the spec's: its app instances
+    (instead of `instances`), a multiplier of the app's work (the spec's `scale` times this; 1 if
+    unset) and its vCPUs (instead of `vcpus`: a k-vCPU VM is capped at k / cores of its PM, so
+    this is how a VM is made lighter or heavier than another). A VM's start delay still scales
+    with the spec's `scale` only, so a VM given more work runs longer without starting later (the
+    validation's steps overlap: experiments/validation.yml)."""
+
+    instances: int | None = Field(None, ge=1, le=64)
+    work: float | None = Field(None, gt=0, le=100, allow_inf_nan=False)
+    vcpus: int | None = Field(None, ge=1)
 
 
 class Matrix(_Strict):
@@ -157,12 +174,13 @@ class Spec(_Strict):
     memory_mb: int = Field(100, ge=32, le=MAX_MEMORY_MB)
     vcpus: int = Field(2, ge=1)
     start_delay_s: dict[str, NonNegative] = {}  # per VM; scaled with `scale` (validation, §4.5)
+    per_vm: dict[str, VmWork] = {}  # per VM: its instances and work multiplier (VmWork)
     warmup_s: NonNegative = 0.0  # kind migration: the app runs this long before the move
     matrix: Matrix = Matrix()
     exclude: list[dict[str, Any]] = []
     balancer: Balancer = Balancer()
     repetitions: int = Field(DEFAULT_REPETITIONS, ge=1, le=1000)
-    scale: float = Field(1.0, gt=0, le=100)  # multiplies the work of every app (and delays)
+    scale: float = Field(1.0, gt=0, le=100)  # multiplies the work of every app (and delays); per_vm work on top
     seed: int = 0
 
     @field_validator("techniques")
@@ -176,9 +194,10 @@ class Spec(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> Spec:
         names = layouts.vm_names(self.vms)
-        for vm in self.start_delay_s:
-            if vm not in names:
-                raise _fail(("start_delay_s", vm), f"not one of the VMs vm1..vm{self.vms}", vm)
+        for field in ("start_delay_s", "per_vm"):
+            for vm in getattr(self, field):
+                if vm not in names:
+                    raise _fail((field, vm), f"not one of the VMs vm1..vm{self.vms}", vm)
         for k, layout in enumerate(self.matrix.layout):
             try:
                 layouts.placement(layout, self.vms, self.pms)
@@ -200,6 +219,29 @@ class Spec(_Strict):
             for variant in variant_list:
                 self._technique_can(technique, variant)
         return self
+
+    def vm_instances(self, vm: str) -> int:
+        """Copies of the app `vm` runs at once: its `per_vm` instances, else the spec's."""
+        own = self.per_vm.get(vm)
+        return self.instances if own is None or own.instances is None else own.instances
+
+    def vm_scale(self, vm: str) -> float:
+        """What multiplies the app's work in `vm`: the spec's scale times its `per_vm` work."""
+        own = self.per_vm.get(vm)
+        return self.scale * (1.0 if own is None or own.work is None else own.work)
+
+    def vm_vcpus(self, vm: str) -> int:
+        """vCPUs of `vm`: its `per_vm` vcpus, else the spec's."""
+        own = self.per_vm.get(vm)
+        return self.vcpus if own is None or own.vcpus is None else own.vcpus
+
+    def vm_delay_s(self, vm: str) -> float:
+        """Seconds from a run's start to `vm`'s first workload: its start delay times the scale."""
+        return self.start_delay_s.get(vm, 0.0) * self.scale
+
+    def max_vm_scale(self) -> float:
+        """The largest work multiplier of any VM (what bounds a run's length)."""
+        return max(self.vm_scale(vm) for vm in layouts.vm_names(self.vms))
 
     def _check_exclude(self, k: int, rule: dict[str, Any]) -> None:
         """Each key of an exclude rule is an axis and its value one that axis takes, strictly (a
@@ -263,8 +305,14 @@ class Spec(_Strict):
         """Refuse a spec the lab cannot run (PM count, vCPUs per PM) before any host is touched."""
         if pm_count != self.pms:
             raise InputError(f"{source}: pms: the spec places VMs on {self.pms} PMs, the lab has {pm_count}")
-        if pm_cores is not None and self.vcpus > pm_cores:
+        if pm_cores is None:
+            return
+        if self.vcpus > pm_cores:
             raise InputError(f"{source}: vcpus: {self.vcpus} vCPUs per VM, the lab's PMs stand for {pm_cores} cores")
+        for vm, own in self.per_vm.items():
+            if own.vcpus is not None and own.vcpus > pm_cores:
+                raise InputError(f"{source}: per_vm.{vm}.vcpus: {own.vcpus} vCPUs, the lab's PMs stand for "
+                                 f"{pm_cores} cores")
 
 
 def _matches(rule: dict[str, Any], cell: dict[str, Any]) -> bool:

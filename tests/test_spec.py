@@ -76,6 +76,18 @@ def test_named_layouts_follow_the_thesis():
         ({"exclude": [{"layout": "balanced"}]}, "exclude: excludes every variant"),
         ({"start_delay_s": {"vm12": 5}}, "start_delay_s.vm12: not one of the VMs vm1..vm9"),
         ({"start_delay_s": {"vm1": -5}}, "start_delay_s.vm1: Input should be greater than or equal to 0"),
+        ({"per_vm": {"vm12": {"work": 2}}}, "per_vm.vm12: not one of the VMs vm1..vm9"),
+        ({"per_vm": {"web": {"instances": 2}}}, "per_vm.web: not one of the VMs vm1..vm9"),
+        ({"per_vm": {"vm1": {"instances": 0}}}, "per_vm.vm1.instances: Input should be greater than or equal to 1"),
+        ({"per_vm": {"vm1": {"instances": 65}}}, "per_vm.vm1.instances: Input should be less than or equal to 64"),
+        ({"per_vm": {"vm1": {"instances": 1.5}}}, "per_vm.vm1.instances: Input should be a valid integer"),
+        ({"per_vm": {"vm1": {"work": 0}}}, "per_vm.vm1.work: Input should be greater than 0"),
+        ({"per_vm": {"vm1": {"work": float("inf")}}}, "per_vm.vm1.work: Input should be a finite number"),
+        ({"per_vm": {"vm1": {"work": "x"}}}, "per_vm.vm1.work: Input should be a valid number"),
+        ({"per_vm": {"vm1": {"vcpus": 0}}}, "per_vm.vm1.vcpus: Input should be greater than or equal to 1"),
+        ({"per_vm": {"vm1": {"memory_mb": 5}}}, "per_vm.vm1.memory_mb: Extra inputs are not permitted"),
+        ({"per_vm": {"vm1": 2}}, "per_vm.vm1: Input should be a valid dictionary"),
+        ({"balancer": {"signal": "load"}}, "balancer.signal: Input should be 'use' or 'demand'"),
         ({"balancer": {"policy": "random"}}, "balancer.policy: unknown policy 'random'"),
         ({"balancer": {"params": {"base": 0.5}}}, "balancer.params: base must be a finite number greater than 1"),
         ({"balancer": {"params": {"threshold": 3}}}, "balancer.params: threshold: not a parameter of policy"),
@@ -100,7 +112,9 @@ def test_an_exclude_with_the_default_mode_or_rate_is_accepted():
 
 @pytest.mark.parametrize("command", [["run"], ["sim", "run"]])
 @pytest.mark.parametrize("text", ["exclude: [{layout: 5}]", "exclude: [{layout: {x: 1}}]", "memory_mb: 1000000000",
-                                  "start_delay_s: {vm1: .inf}", "balancer: {cooldown_s: .inf}"])
+                                  "start_delay_s: {vm1: .inf}", "balancer: {cooldown_s: .inf}",
+                                  "per_vm: {vm10: {work: 2}}", "per_vm: {vm1: {instances: 0}}",
+                                  "balancer: {signal: wait}"])
 def test_the_cli_refuses_a_bad_spec_in_one_line_before_creating_anything(tmp_path, capsys, command, text):
     from testbed.cli import main
 
@@ -111,6 +125,28 @@ def test_the_cli_refuses_a_bad_spec_in_one_line_before_creating_anything(tmp_pat
     err = capsys.readouterr().err
     assert err.startswith("testbed: error: ") and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yml"]
+
+
+def test_per_vm_work_gives_each_vm_its_instances_scale_vcpus_and_delay():
+    spec = parse_spec(BASE | {"vms": 4, "pms": 3, "instances": 2, "vcpus": 1, "scale": 0.5,
+                              "start_delay_s": {"vm3": 20},
+                              "per_vm": {"vm1": {"work": 3}, "vm3": {"instances": 1, "work": 0.5},
+                                         "vm4": {"vcpus": 2}}})
+    assert [spec.vm_instances(vm) for vm in ("vm1", "vm2", "vm3", "vm4")] == [2, 2, 1, 2]
+    assert [spec.vm_scale(vm) for vm in ("vm1", "vm2", "vm3", "vm4")] == [1.5, 0.5, 0.25, 0.5]
+    assert [spec.vm_vcpus(vm) for vm in ("vm1", "vm2", "vm3", "vm4")] == [1, 1, 1, 2]
+    assert (spec.vm_delay_s("vm3"), spec.vm_delay_s("vm1")) == (10.0, 0.0)  # the spec's scale, not the VM's work
+    assert spec.max_vm_scale() == 1.5
+    plain = parse_spec(BASE)
+    assert (plain.vm_instances("vm9"), plain.vm_scale("vm9"), plain.vm_vcpus("vm9")) == (1, 1.0, 2)
+
+
+def test_per_vm_vcpus_are_checked_against_the_lab():
+    spec = parse_spec(BASE | {"per_vm": {"vm2": {"vcpus": 8}}})
+    with pytest.raises(InputError) as err:
+        spec.check_against_lab(pm_count=3, pm_cores=4, source="x.yml")
+    assert str(err.value) == "x.yml: per_vm.vm2.vcpus: 8 vCPUs, the lab's PMs stand for 4 cores"
+    spec.check_against_lab(pm_count=3, pm_cores=8)
 
 
 def test_load_spec_reports_yaml_and_file_problems(tmp_path):
@@ -196,6 +232,33 @@ def test_balancer_compression_goes_into_every_variant_and_the_ccs_config():
         assert CcConfig.model_validate(config.model_dump(mode="json")) == config  # what PUT /v1/config takes
 
 
+@pytest.mark.parametrize("signal", ["use", "demand"])
+def test_balancer_signal_goes_into_the_ccs_config(signal):
+    """The spec's `balancer.signal` is what the runner's CC config balances on (use by default)."""
+    from testbed.manager.api import CcConfig
+    from testbed.runner.campaign import Run
+    from testbed.runner.executor import LabExecutor
+
+    spec = parse_spec(BASE | ({"balancer": {"signal": signal}} if signal == "demand" else {}))
+    assert spec.balancer.signal == signal
+
+    class CcStub:
+        def put(self, path, config):
+            self.put_config = config
+
+        def get(self, path, **query):
+            return {"in_flight": None}
+
+    executor = LabExecutor.__new__(LabExecutor)
+    executor.cc = CcStub()
+    executor.lab = SimpleNamespace(pms=[SimpleNamespace(link_rate_bps=100_000_000)])
+    variant = next(v for v in spec.variants() if v.migration)
+    config = executor._configure_cc(Run(spec, "qemu", variant, 1), quiet=False)
+    assert config.signal == signal and executor.cc.put_config == config
+    assert CcConfig.model_validate(config.model_dump(mode="json")).signal == signal
+    assert executor._configure_cc(Run(spec, "qemu", variant, 1), quiet=True).signal == signal
+
+
 def test_campaigns_recorded_before_balancer_compression_and_time_scale_existed_still_resume():
     import hashlib
     import json
@@ -206,7 +269,10 @@ def test_campaigns_recorded_before_balancer_compression_and_time_scale_existed_s
     before = json.loads(spec.model_dump_json(exclude={"repetitions", "description"}))
     del before["balancer"]["compression"]  # a spec as dumped before the fields were added
     del before["balancer"]["time_scale"]
+    del before["balancer"]["signal"]
+    del before["per_vm"]
     text = json.dumps(before, separators=(",", ":"))
     assert spec_fingerprint(spec) == hashlib.sha256(text.encode()).hexdigest()[:16]
-    assert spec_fingerprint(parse_spec(BASE | {"balancer": {"compression": "zstd"}})) != spec_fingerprint(spec)
-    assert spec_fingerprint(parse_spec(BASE | {"balancer": {"time_scale": "auto"}})) != spec_fingerprint(spec)
+    for change in ({"balancer": {"compression": "zstd"}}, {"balancer": {"time_scale": "auto"}},
+                   {"balancer": {"signal": "demand"}}, {"per_vm": {"vm1": {"work": 2}}}):
+        assert spec_fingerprint(parse_spec(BASE | change)) != spec_fingerprint(spec), change

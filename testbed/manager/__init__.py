@@ -2,6 +2,7 @@
 talking token-authenticated HTTP+JSON over the lab network (see docs/manager.md)."""
 
 from pathlib import Path
+from typing import Literal
 
 LC_PORT = 7420
 CC_PORT = 7421
@@ -10,3 +11,7 @@ DEFAULT_EVENT_LOG = Path("/var/lib/testbed/lab/manager/events.jsonl")
 #: Seconds of counters an LC keeps: the longest sample window, so the longest CC interval. Here,
 #: not in api.py, so that the simulator and the runner's time scaling read it without FastAPI.
 MAX_WINDOW = 120.0
+#: What the CC balances on: each VM's CPU use (the thesis), or its demand (use plus the time its
+#: threads were runnable but waiting, capped at its own CPU limit). Here, not in api.py, so that
+#: specs (testbed/spec.py) name it without FastAPI.
+Signal = Literal["use", "demand"]

@@ -25,12 +25,11 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from testbed.errors import InputError
-from testbed.manager import MAX_WINDOW
+from testbed.manager import MAX_WINDOW, Signal
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:+-]{1,200}$")]
-Signal = Literal["use", "demand"]
 MigrationMode = Literal["precopy", "stopcopy", "postcopy"]
 #: What a migration's stream may be compressed with (None: not at all); each technique's driver
 #: takes some of them (QEMU: zstd, zlib; containers: bzip2, zstd) and refuses the others.

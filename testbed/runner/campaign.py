@@ -193,16 +193,22 @@ def _target(spec: Spec, cell: Cell, statuses: Mapping[str, str],
 
 #: Balancer fields added after campaigns were recorded, and the default that keeps them out of
 #: the fingerprint.
-ADDED_BALANCER_FIELDS: dict[str, object] = {"compression": "none", "time_scale": None}
+ADDED_BALANCER_FIELDS: dict[str, object] = {"compression": "none", "time_scale": None, "signal": "use"}
+#: The same for the spec's own fields.
+ADDED_SPEC_FIELDS: dict[str, object] = {"per_vm": {}}
 
 
 def spec_fingerprint(spec: Spec) -> str:
     """What must not change between a campaign and its resumption (repetitions may grow).
 
     A field added to specs after campaigns were recorded is left out while at its default
-    (`balancer.compression` none, `balancer.time_scale` None), so that those campaigns still resume."""
-    added = {field for field, default in ADDED_BALANCER_FIELDS.items() if getattr(spec.balancer, field) == default}
-    text = spec.model_dump_json(exclude={"repetitions": True, "description": True, "balancer": added})
+    (`balancer.compression` none, `balancer.time_scale` None, `balancer.signal` use, `per_vm`
+    empty), so that those campaigns still resume."""
+    added: dict[str, Any] = {field: True for field, default in ADDED_SPEC_FIELDS.items()
+                             if getattr(spec, field) == default}
+    added["balancer"] = {field for field, default in ADDED_BALANCER_FIELDS.items()
+                         if getattr(spec.balancer, field) == default}
+    text = spec.model_dump_json(exclude={"repetitions": True, "description": True, **added})
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

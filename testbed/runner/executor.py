@@ -48,6 +48,7 @@ from testbed.lab import Lab
 from testbed.manager.api import CcConfig, ManagerClient
 from testbed.results import CpuSample, MigrationRow, VmTime
 from testbed.runner.campaign import Run, RunResult
+from testbed.runner.layouts import vm_names
 from testbed.runner.time_scale import ManagerTimes, manager_times
 from testbed.spec import Spec
 from testbed.techniques import RUNNABLE, make_driver, technique
@@ -105,13 +106,23 @@ def supported(spec: Spec, techniques: Sequence[str]) -> None:
     for variant in spec.variants():
         if variant.app not in APPS:
             raise InputError(f"{where}: matrix.app: {variant.app!r} has no guest program yet")
-        if variant.app == "kernel" and spec.instances != 1:
-            raise InputError(f"{where}: instances: the kernel app compiles one tree per VM (instances: 1)")
+        if variant.app == "kernel":
+            kernel_single(spec)
         if variant.app == "kernel":
             kernel_fits(spec, techniques)
         if variant.link_rate is not None:
             raise InputError(f"{where}: matrix.link_rate: link rate variants are run by the migration study "
                              "(kind: migration) only")
+
+
+def kernel_single(spec: Spec) -> None:
+    """Refuse a Kernel app with more than one instance in a VM (the spec's, or a VM's own)."""
+    if spec.instances != 1:
+        raise InputError(f"{spec.name}: instances: the kernel app compiles one tree per VM (instances: 1)")
+    for vm, own in spec.per_vm.items():
+        if own.instances not in (None, 1):
+            raise InputError(f"{spec.name}: per_vm.{vm}.instances: the kernel app compiles one tree per VM "
+                             "(instances: 1)")
 
 
 def runnable(where: str, runner: str, techniques: Sequence[str]) -> None:
@@ -127,12 +138,14 @@ def kernel_fits(spec: Spec, techniques: Sequence[str]) -> None:
     to a disk of its own (a container swaps only if its PM has swap: the embedded lab's, with
     lab_host_swap_mb set): one that needs more than its memory limit, on PMs (this machine's
     kernel) without swap for the excess."""
-    jobs = KERNEL_JOBS_PER_VCPU * spec.vcpus
+    vms = vm_names(spec.vms)
+    jobs = KERNEL_JOBS_PER_VCPU * max(spec.vm_vcpus(vm) for vm in vms)
     for name in techniques:
         can = technique(name)
         if can.kernel_mb_per_job is None or spec.memory_mb >= (need := can.kernel_mb_per_job * jobs):
             continue
-        swap_need = (need - spec.memory_mb) * spec.vms
+        swap_need = sum(max(0, can.kernel_mb_per_job * KERNEL_JOBS_PER_VCPU * spec.vm_vcpus(vm) - spec.memory_mb)
+                        for vm in vms)
         swap = machine_swap_mb()
         if swap < swap_need:
             raise InputError(f"{spec.name}: memory_mb: the kernel app compiles with -j{jobs} ({KERNEL_JOBS_PER_VCPU} "
@@ -164,22 +177,25 @@ def _synthetic_random() -> ModuleType:
 def chains(run: Run, vm: str) -> list[list[Step]]:
     """The programs a VM runs: one chain of steps per app instance, all chains at once.
 
-    Synthetic1 is one step (the C program, its block count scaled). Synthetic-Random is driven
-    from here, draw by draw, over the workload channel, since the guest has no Python: the draws
-    come from workloads/synthetic_random.py with the VM's seed (instance k: seed + k), each
-    starting one, two or four Synthetic1 in the guest or the guest's `sleep`."""
-    scale = run.spec.scale
+    A VM runs the spec's `instances` (or its own, `per_vm`) and its work is scaled by the spec's
+    scale times its own work multiplier (Spec.vm_scale). Synthetic1 is one step (the C program,
+    its block count scaled). Synthetic-Random is driven from here, draw by draw, over the workload
+    channel, since the guest has no Python: the draws come from workloads/synthetic_random.py with
+    the VM's seed (instance k: seed + k), each starting one, two or four Synthetic1 in the guest
+    or the guest's `sleep`."""
+    scale = run.spec.vm_scale(vm)
+    instances = run.spec.vm_instances(vm)
     if run.variant.app == "kernel":
         objects = str(max(1, round(KERNEL_OBJECTS * scale)))
-        kernel = (*KERNEL_PROGRAM, str(KERNEL_JOBS_PER_VCPU * run.spec.vcpus), objects)
-        return [[Step((kernel,))] for _ in range(run.spec.instances)]
+        kernel = (*KERNEL_PROGRAM, str(KERNEL_JOBS_PER_VCPU * run.spec.vm_vcpus(vm)), objects)
+        return [[Step((kernel,))] for _ in range(instances)]
     blocks = str(max(1, round(SYNTHETIC1_BLOCKS * scale)))
     synthetic1 = ("synthetic1", blocks)
     if run.variant.app == "synthetic1":
-        return [[Step((synthetic1,))] for _ in range(run.spec.instances)]
+        return [[Step((synthetic1,))] for _ in range(instances)]
     sr = _synthetic_random()
     result = []
-    for k in range(run.spec.instances):
+    for k in range(instances):
         steps = []
         for r in sr.draws(run.workload_seed(vm) + k):
             count = sr.instances_for(r)
@@ -308,7 +324,7 @@ class LabExecutor:
             details["cleanup"] = self._destroy_all(driver)
 
     def _measure(self, driver: Driver, run: Run, details: dict[str, Any]) -> RunResult:
-        timeout = self.timeout_s or TIMEOUT_MARGIN_S + TIMEOUT_AT_SCALE_1_S * run.spec.scale
+        timeout = self.timeout_s or TIMEOUT_MARGIN_S + TIMEOUT_AT_SCALE_1_S * run.spec.max_vm_scale()
         sampler = _CpuSampler(driver, self.sample_period_s)
         per_vm = {vm: _VmRuns() for vm in run.placement}
         lock = threading.Lock()
@@ -322,8 +338,7 @@ class LabExecutor:
         pool = ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="workload")
         try:
             futures = {
-                pool.submit(_run_chain, driver, vm, chain, run.spec.start_delay_s.get(vm, 0.0) * run.spec.scale,
-                            deadline, per_vm[vm], lock): vm
+                pool.submit(_run_chain, driver, vm, chain, run.spec.vm_delay_s(vm), deadline, per_vm[vm], lock): vm
                 for vm, chain in jobs
             }
             for future, vm in futures.items():
@@ -471,7 +486,7 @@ class LabExecutor:
             answer (returns how many times): such a guest would never run a workload."""
             for attempt in range(1 + CREATE_RETRIES):
                 try:
-                    driver.create_vm(VMSpec(vm, run.spec.memory_mb, run.spec.vcpus, disks.get(vm)), want[vm])
+                    driver.create_vm(VMSpec(vm, run.spec.memory_mb, run.spec.vm_vcpus(vm), disks.get(vm)), want[vm])
                     probe = driver.start_workload(vm, list(PROBE))
                     if driver.wait_workload(vm, probe.id, PROBE_TIMEOUT_S).exit_status == 0:
                         return attempt
@@ -507,7 +522,7 @@ class LabExecutor:
         times = self.manager_times(run.spec)
         config = CcConfig(
             policy=balancer.policy, params=balancer.params, interval=times.interval_s,
-            cooldown=times.cooldown_s,
+            signal=balancer.signal, cooldown=times.cooldown_s,
             mode=run.variant.mode or technique(run.technique).default_mode,
             compression=run.variant.order_compression,
             dry_run=quiet or not run.variant.migration, label=None if quiet else run.run_id,
