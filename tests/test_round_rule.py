@@ -113,8 +113,8 @@ def test_the_real_cc_follows_the_rule(cc):
 
 def _scenario(policy: str | None, dry_run: bool = False):
     """The 7/1/1 start: assign-u moves VMs off PM1 unless told otherwise."""
-    return scenario(pms=3, placement=[1] * 7 + [2, 3], app="synthetic1", instances=2, scale=0.2,
-                    seeds=list(range(9)), start_s=[0.0] * 9, vcpus=2, memory_mb=100, cal=Calibration(),
+    return scenario(pms=3, placement=[1] * 7 + [2, 3], app="synthetic1", instances=[2] * 9,
+                    scales=[0.2] * 9, seeds=list(range(9)), start_s=[0.0] * 9, vcpus=[2] * 9, memory_mb=100, cal=Calibration(),
                     cluster=Cluster(), link_rate=None, policy=policy, params={}, mode="precopy",
                     interval_s=10.0, cooldown_s=60.0, dry_run=dry_run)
 

@@ -122,11 +122,11 @@ def _unbalanced(mode: str, app: str = "synthetic1", policy: str | None = "assign
         pms=3,
         placement=[1] * 7 + [2, 3],
         app=app,
-        instances=2,
-        scale=scale,
+        instances=[2] * 9,
+        scales=[scale] * 9,
         seeds=list(range(9)),
         start_s=[0.0] * 9,
-        vcpus=2,
+        vcpus=[2] * 9,
         memory_mb=100,
         cal=CAL,
         cluster=Cluster(),
@@ -173,11 +173,11 @@ def test_contention_slows_a_squeezed_vm_more_than_in_proportion():
             pms=3,
             placement=placement,
             app="synthetic1",
-            instances=2,
-            scale=blocks / 18_000,
+            instances=[2] * len(placement),
+            scales=[blocks / 18_000] * len(placement),
             seeds=[0] * len(placement),
             start_s=[0.0] * len(placement),
-            vcpus=2,
+            vcpus=[2] * len(placement),
             memory_mb=100,
             cal=cal,
             cluster=Cluster(),
@@ -192,6 +192,38 @@ def test_contention_slows_a_squeezed_vm_more_than_in_proportion():
 
     for s, t in ((0.3, exec_times([1])[0]), (0.6 / 7, exec_times([1] * 7)[0])):
         assert t == pytest.approx(work * (s + 0.04) / s**2, rel=1e-6)
+
+
+def _four_vms(signal: str, vcpus: list[int], instances: list[int] | None = None, scales: list[float] | None = None):
+    """vm1 on PM1, vm2 and vm4 on PM2, vm3 on PM3, all busy from the start."""
+    return scenario(
+        pms=3, placement=[1, 2, 3, 2], app="synthetic1", instances=instances or [1] * 4,
+        scales=scales or [2.0] * 4, seeds=[0] * 4, start_s=[0.0] * 4, vcpus=vcpus, memory_mb=100, cal=CAL,
+        cluster=Cluster(), link_rate=None, policy="assign-u", params={}, mode="precopy", interval_s=10.0,
+        cooldown_s=60.0, signal=signal,
+    )
+
+
+def test_each_vm_gets_its_own_instances_work_and_vcpus():
+    sc = _four_vms("use", vcpus=[1, 2, 2, 4], instances=[1, 2, 1, 3], scales=[0.1, 0.2, 0.4, 0.1])
+    assert [vm.vcpus for vm in sc.vms] == [1, 2, 2, 4]
+    assert [len(vm.chains) for vm in sc.vms] == [1, 2, 1, 3]
+    work = [sum(s.amount for chain in vm.chains for s in chain) for vm in sc.vms]
+    per_block = CAL.cpu_s_per_block
+    assert work == pytest.approx([1800 * per_block, 2 * 3600 * per_block, 7200 * per_block, 3 * 1800 * per_block])
+
+
+def test_the_demand_signal_sees_a_vm_squeezed_below_its_cap():
+    """vm4 (4 vCPUs: the whole PM) shares PM2 with vm2: each uses half of PM2, as vm1 and vm3 use
+    half of theirs, so by use every PM holds 50 + 50 or 50 and no move can help; by demand vm4 wants
+    all of PM2 (PM2 at 150 %), and vm2 moves off it, as the real CC decides with `--signal demand`."""
+    by_use = simulate(_four_vms("use", vcpus=[2, 2, 2, 4]))
+    assert not by_use.migrations and by_use.rounds.get("migrate", 0) == 0
+    by_demand = simulate(_four_vms("demand", vcpus=[2, 2, 2, 4]))
+    first = by_demand.migrations[0]
+    assert (first.vm, first.source, first.start) == (1, 1, 10.0)  # vm2 off PM2 at the first round
+    # the samples (the figures) are use either way: PM2 at 100 % before the move, not 150
+    assert by_demand.host_pct[0][1] == pytest.approx(100.0)
 
 
 def test_no_vm_is_in_two_places_and_a_stopped_vm_uses_nothing():

@@ -132,6 +132,7 @@ class Engine:
         self.vm_stopped = np.zeros(0, dtype=bool)
         self.vm_speed = np.zeros(0)  # progress per CPU (post-copy faults slow it)
         self.vm_used = np.zeros(0)  # CPU-seconds used since the start
+        self.vm_demanded = np.zeros(0)  # CPU-seconds demanded (used or runnable, within its cap)
         self.host_overhead_used = np.zeros(h)  # CPU-seconds of migration machinery
         self.chain_vm = np.zeros(0, dtype=np.intp)
         self.chain_threads = np.zeros((0, 1), dtype=np.intp)
@@ -172,6 +173,7 @@ class Engine:
         self.vm_stopped = np.concatenate([self.vm_stopped, np.zeros(n, dtype=bool)])
         self.vm_speed = np.concatenate([self.vm_speed, np.ones(n)])
         self.vm_used = np.concatenate([self.vm_used, np.zeros(n)])
+        self.vm_demanded = np.concatenate([self.vm_demanded, np.zeros(n)])
 
     def add_chains(self, vms: list[int], chains: list[list[Step]], delays: list[float]) -> np.ndarray:
         """Start workload chains (a chain's steps run one after another) after their delays;
@@ -217,8 +219,9 @@ class Engine:
             over[f.destination] += self.cal.cpu_overhead_dst
         return np.minimum(over, self.capacity)
 
-    def allocation(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(CPUs per VM, CPUs of migration machinery per PM, progress per thread of each VM)."""
+    def allocation(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(CPUs per VM, CPUs of migration machinery per PM, progress per thread of each VM, CPUs
+        each VM demands: its running threads' wish within its cap, what the LC's `demand` reads)."""
         n_vms = len(self.vm_names)
         running = self.chain_cur > 0
         threads = np.bincount(self.chain_vm[running], weights=self.chain_cur[running], minlength=n_vms)
@@ -232,14 +235,14 @@ class Engine:
         with np.errstate(divide="ignore", invalid="ignore"):
             useful = alloc * alloc / (alloc + c) if c > 0 else alloc
             per_thread = np.where(threads > 0, useful * self.vm_speed / threads, 0.0)
-        return alloc, over, per_thread
+        return alloc, over, per_thread, demand
 
     # -- time ---------------------------------------------------------------------------------
 
     def advance(self, until: float, stop: Callable[[Engine], bool] | None = None) -> None:
         """Run events until simulated time `until` (or until `stop(engine)` holds after an event)."""
         while self.t < until - EPS:
-            alloc, over, per_thread = self.allocation()
+            alloc, over, per_thread, demand = self.allocation()
             rate = per_thread[self.chain_vm]
             busy = (self.chain_cur > 0) & (rate > 0)
             to_finish = np.full(self.chain_rem.shape, np.inf)
@@ -254,6 +257,7 @@ class Engine:
             dt = max(t_next - self.t, 0.0)
             self.chain_rem[busy] -= rate[busy] * dt
             self.vm_used += alloc * dt
+            self.vm_demanded += demand * dt
             self.host_overhead_used += over * dt
             self.t = t_next
             self.events += 1

@@ -20,6 +20,7 @@ from testbed.balancer import get_policy
 from testbed.lab import parse_rate
 from testbed.results import CpuSample, MigrationRow, VmTime
 from testbed.runner.campaign import Run, RunResult
+from testbed.runner.layouts import vm_names
 from testbed.runner.time_scale import ManagerTimes, manager_times
 from testbed.sim.calibration import Calibration
 from testbed.sim.run import Outcome, Scenario, SimVM, simulate
@@ -53,11 +54,11 @@ def scenario(
     pms: int,
     placement: Sequence[int],
     app: str,
-    instances: int,
-    scale: float,
+    instances: Sequence[int],
+    scales: Sequence[float],
     seeds: Sequence[int],
     start_s: Sequence[float],
-    vcpus: int,
+    vcpus: Sequence[int],
     memory_mb: int,
     cal: Calibration,
     cluster: Cluster,
@@ -67,15 +68,18 @@ def scenario(
     mode: str,
     interval_s: float,
     cooldown_s: float,
+    signal: str = "use",
     concurrency: int = 1,
     horizon_s: float | None = None,
     record_cpu: bool = True,
     dry_run: bool = False,
 ) -> Scenario:
-    """A scenario from an experiment's terms (placement: 1-based PM per VM, as layouts give it)."""
+    """A scenario from an experiment's terms: per VM (in order vm1, vm2, ...) its PM (1-based, as
+    layouts give it), app instances, work scale, seed, start time and vCPUs."""
+    per_vm = zip(placement, instances, scales, seeds, start_s, vcpus, strict=True)
     vms = [
-        SimVM(f"vm{k}", pm - 1, vm_chains(app, instances, scale, seed, cal), vcpus, memory_mb, app, delay)
-        for k, (pm, seed, delay) in enumerate(zip(placement, seeds, start_s, strict=True), start=1)
+        SimVM(f"vm{k}", pm - 1, vm_chains(app, count, scale, seed, cal), cpus, memory_mb, app, delay)
+        for k, (pm, count, scale, seed, delay, cpus) in enumerate(per_vm, start=1)
     ]
     link = parse_rate(link_rate or cluster.link_rate) / 8.0
     return Scenario(
@@ -88,6 +92,7 @@ def scenario(
         policy=None if policy is None else get_policy(policy, **params),
         dry_run=dry_run,
         mode=mode,
+        signal=signal,
         interval_s=interval_s,
         cooldown_s=cooldown_s,
         concurrency=concurrency,
@@ -181,18 +186,18 @@ class SimExecutor:
 
     def execute(self, run: Run) -> RunResult:
         spec, variant = run.spec, run.variant
-        names = [f"vm{k}" for k in range(1, spec.vms + 1)]
+        names = vm_names(spec.vms)
         b = spec.balancer
         times = self.manager_times(spec, variant.link_rate)
         sc = scenario(
             pms=spec.pms,
             placement=variant.placement,
             app=variant.app,
-            instances=spec.instances,
-            scale=spec.scale,
+            instances=[spec.vm_instances(vm) for vm in names],
+            scales=[spec.vm_scale(vm) for vm in names],
             seeds=[run.workload_seed(vm) for vm in names],
-            start_s=[spec.start_delay_s.get(vm, 0.0) * spec.scale for vm in names],
-            vcpus=spec.vcpus,
+            start_s=[spec.vm_delay_s(vm) for vm in names],
+            vcpus=[spec.vm_vcpus(vm) for vm in names],
             memory_mb=spec.memory_mb,
             cal=self.cal,
             cluster=self.cluster,
@@ -203,6 +208,7 @@ class SimExecutor:
             mode=variant.mode or b.mode or self.default_mode(),
             interval_s=times.interval_s,
             cooldown_s=times.cooldown_s,
+            signal=b.signal,
             record_cpu=spec.vms <= self.samples_up_to_vms,
         )
         return run_result(sc, simulate(sc), self.calibration_name)

@@ -1,8 +1,8 @@
 """One simulated run: a scenario (PMs, VMs and their workloads, the balancer) driven to its end.
 
 The Central Controller is mirrored on simulated time with the same rules, in the same order, as
-testbed/manager/central.py: every `interval_s` it reads each PM's and VM's CPU use over the last
-interval, builds the balancer Snapshot in the same units as testbed.manager.snapshot (capacity
+testbed/manager/central.py: every `interval_s` it reads each PM's and VM's CPU use (or demand,
+the scenario's `signal`) over the last interval, builds the balancer Snapshot in the same units as testbed.manager.snapshot (capacity
 100 x CPUs, a VM's cpu = its use x 100, the PM's measured load including migration machinery),
 and decides nothing while a migration is in flight (`concurrency` of them; the thesis: one) or
 for one interval after one ends ("settling"); a VM moved less than `cooldown_s` ago is not moved
@@ -53,6 +53,7 @@ class Scenario:
     policy: Policy | None = None  # None: nothing decides (the CC's `paused`: it only watches)
     dry_run: bool = False  # the policy decides, nothing moves (the lab's runs without migration)
     mode: str = "precopy"
+    signal: str = "use"  # what the balancer reads per VM: CPU use, or demand (testbed.manager.Signal)
     interval_s: float = 10.0
     cooldown_s: float = 60.0
     concurrency: int = 1
@@ -106,6 +107,7 @@ class _Controller:
         self.vm_sorted = names[self.vm_order]
         self.host_order = host_order
         self.last_used = engine.vm_used.copy()
+        self.last_demanded = engine.vm_demanded.copy()
         self.last_over = engine.host_overhead_used.copy()
         self.last_t = engine.t
         self.migrated_at = np.full(len(sc.vms), -np.inf)
@@ -122,18 +124,23 @@ class _Controller:
             self._round(engine, vm_cpu, host_cpu)
 
     def sample(self, engine: Engine) -> tuple[np.ndarray | None, np.ndarray]:
-        """Record CPU use since the last sample; (per-VM CPUs, per-PM CPUs) over that window."""
+        """Record CPU use since the last sample; (per-VM CPUs, per-PM CPUs) over that window as
+        the balancer reads them: use, or with signal `demand` each VM's demand and each PM's
+        machinery plus its VMs' demands (testbed/manager/local.py). The samples are use."""
         window = engine.t - self.last_t
         if window <= 1e-9:
             return None, np.zeros(0)
         vm_cpu = (engine.vm_used - self.last_used) / window
+        vm_demand = (engine.vm_demanded - self.last_demanded) / window
         over = (engine.host_overhead_used - self.last_over) / window
-        self.last_used, self.last_over, self.last_t = (
+        self.last_used, self.last_demanded, self.last_over, self.last_t = (
             engine.vm_used.copy(),
+            engine.vm_demanded.copy(),
             engine.host_overhead_used.copy(),
             engine.t,
         )
-        host_cpu = np.bincount(engine.vm_host, weights=vm_cpu, minlength=len(self.sc.host_names)) + over
+        hosts = len(self.sc.host_names)
+        host_cpu = np.bincount(engine.vm_host, weights=vm_cpu, minlength=hosts) + over
         pct = 100.0 * host_cpu / engine.capacity
         t0 = engine.t - window
         if self.sc.record_cpu:
@@ -144,6 +151,8 @@ class _Controller:
         self.stddev.append(spread)
         if self.balanced_at is None and spread <= self.sc.balance_stddev:
             self.balanced_at = engine.t
+        if self.sc.signal == "demand":
+            return vm_demand, np.bincount(engine.vm_host, weights=vm_demand, minlength=hosts) + over
         return vm_cpu, host_cpu
 
     def _note_ended(self, engine: Engine) -> None:
