@@ -97,6 +97,22 @@ def _validation(c: Campaign) -> str:
             f"<table><thead><tr>{head_row}</tr></thead><tbody>{rows}</tbody></table>\n")
 
 
+def _manager_steps(c: Campaign) -> str:
+    """The §4.5 validation's three steps, per run with migration, when the spec starts its VMs in
+    three groups (testbed.analysis.validation.manager_steps)."""
+    from testbed.analysis.validation import AT_ONCE_INTERVALS, manager_steps
+
+    steps = manager_steps(c)
+    if steps is None or steps.empty:
+        return ""
+    runs = steps.groupby("run_id")["ok"].all()
+    return ("<h2>The manager's three steps (thesis §4.5)</h2>\n<p>Per run with migration: (1) no migration while "
+            "the first VMs run alone; (2) when the next VMs join a PM, a migration off it at once (within "
+            f"{AT_ONCE_INTERVALS:g} of the CC's intervals); (3) when the last VMs join a PM, a migration off it "
+            f"while every VM started before still runs. {int(runs.sum())} of {len(runs)} runs show all three "
+            f"(times in s from the run's start; after_s = from the step's start).</p>\n{_table(steps)}\n")
+
+
 def _manager_time(c: Campaign) -> str:
     """The manager's time scale and, per variant, how many of its rounds a run lasts (issue #16):
     a run of about one interval cannot be balanced however good the policy."""
@@ -159,7 +175,7 @@ one observation per run is the mean execution time over its VMs.</p>
 <p>Relative change of the mean execution time of each "with migration" variant against its
 "no migration" twin (negative: migration shortened it), with the two-sided p-value of Welch's t-test.</p>
 {_table(twins)}
-{_manager_time(c)}{"" if phases.empty else f"<h2>Migration phases (Table A.1)</h2><p>{escape(CAPTION)}</p>{_table(phases)}"}
+{_manager_time(c)}{_manager_steps(c)}{"" if phases.empty else f"<h2>Migration phases (Table A.1)</h2><p>{escape(CAPTION)}</p>{_table(phases)}"}
 {_validation(c)}<h2>Runs left out</h2>
 {_left_out(c)}
 <h2>Figures</h2>
