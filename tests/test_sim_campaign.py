@@ -208,6 +208,21 @@ def test_calibrated_simulator_reproduces_a_recorded_lab_campaign(tmp_path):
     assert (table["lab_saturated_pct"] > 90).all()  # the lab's PMs got their quota
 
 
+def test_a_lab_campaign_recorded_before_newer_spec_fields_is_still_the_same_experiment():
+    """The recorded Exp. 1 has no balancer.compression, time_scale or signal, nor per_vm: its
+    simulation, whose manifest has them at their defaults, still finds it; a set one differs."""
+    from pathlib import Path
+
+    from testbed.analysis.validation import _same_experiment
+
+    lab = read_manifest(Path(__file__).parent / "data" / "lab-exp1-qemu-s0.05")
+    assert not {"compression", "time_scale", "signal"} & set(lab["spec"]["balancer"]) and "per_vm" not in lab["spec"]
+    spec = parse_spec(lab["spec"] | {"techniques": ["sim"]})
+    assert _same_experiment(lab, {"spec": spec.model_dump(mode="json")})
+    for change in ({"per_vm": {"vm1": {"work": 2}}}, {"balancer": lab["spec"]["balancer"] | {"signal": "demand"}}):
+        assert not _same_experiment(lab, {"spec": parse_spec(lab["spec"] | change).model_dump(mode="json")})
+
+
 def test_calibration_file_round_trips_and_bad_files_fail_on_one_line(tmp_path):
     path = tmp_path / "cal.json"
     save_calibration(KNOWN, path)

@@ -41,7 +41,17 @@ class SideBySide:
 
 
 def _comparable(manifest: dict) -> dict:
-    return {k: v for k, v in manifest.get("spec", {}).items() if k not in _FREE}
+    """The manifest's spec but for the free fields, and without the fields added to specs since
+    (testbed.runner.campaign's ADDED_*) at their defaults, so that a lab campaign recorded before
+    them still matches its simulation."""
+    from testbed.runner.campaign import ADDED_BALANCER_FIELDS, ADDED_SPEC_FIELDS
+
+    spec = {k: v for k, v in manifest.get("spec", {}).items()
+            if k not in _FREE and not (k in ADDED_SPEC_FIELDS and v == ADDED_SPEC_FIELDS[k])}
+    if isinstance(spec.get("balancer"), dict):
+        spec["balancer"] = {k: v for k, v in spec["balancer"].items()
+                            if not (k in ADDED_BALANCER_FIELDS and v == ADDED_BALANCER_FIELDS[k])}
+    return spec
 
 
 def _same_experiment(a: dict, b: dict) -> bool:
