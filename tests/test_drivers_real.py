@@ -294,6 +294,17 @@ def test_libvirt_tcg_domain_with_an_nfs_disk_and_a_tcp_console() -> None:
     with pytest.raises(ValueError, match="nfs://HOST/PATH"):
         nfs_disk("nfs://hostonly")
 
+
+def test_libvirt_peer_to_peer_migration_names_the_destination_without_this_machines_key(tmp_path: Path) -> None:
+    """The source PM's libvirtd opens the destination URI itself: it must not carry the key path
+    of the machine running the driver (the PMs use root's own key, roles/libvirt/tasks/peers.yml)."""
+    from testbed.drivers.libvirt import LibvirtDriver
+
+    hosts = [Host("pm1", "198.18.0.241", 1.0, 4), Host("pm2", "198.18.0.242", 1.0, 4)]
+    driver = LibvirtDriver(hosts, tmp_path / "key", known_hosts=tmp_path / "known_hosts")
+    assert driver.peer_uris["pm2"] == "qemu+ssh://root@198.18.0.242/system"
+    assert "keyfile=" in driver.uris["pm2"]
+
 # --- shared pieces -----------------------------------------------------------------------------
 
 

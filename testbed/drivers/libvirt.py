@@ -149,6 +149,11 @@ def domain_xml(
     return ET.tostring(domain, encoding="unicode")
 
 
+def peer_uri(address: str) -> str:
+    """The URI a PM's libvirtd reaches another PM's with in a peer-to-peer migration."""
+    return f"qemu+ssh://root@{address}/system"
+
+
 def host_busy_ns(stats: Mapping[str, int]) -> int:
     """Busy CPU time of a node from virNodeGetCPUStats (all CPUs): kernel + user, in ns."""
     return int(stats["kernel"]) + int(stats["user"])
@@ -176,6 +181,9 @@ class LibvirtDriver(SshGuestDriverBase):
         self.uris = {
             h.name: f"qemu+ssh://root@{h.address}/system?keyfile={key_file}&no_verify=1" for h in hosts
         } | dict(uris or {})
+        # Peer-to-peer migration: the source PM's libvirtd opens the destination itself, with the
+        # PM's own root key and known_hosts (roles/libvirt/tasks/peers.yml), not this machine's.
+        self.peer_uris = {h.name: peer_uri(h.address) for h in hosts}
         self._conns: dict[str, Any] = {}
 
     def conn(self, host: str) -> Any:
@@ -247,7 +255,7 @@ class LibvirtDriver(SshGuestDriverBase):
 
         source = self.vm_host(vm)
         dom = self.conn(source).lookupByName(vm)
-        dest_uri = self.uris[destination]
+        dest_uri = self.peer_uris[destination]
         start = time.time()
         switcher = None
         if mode is MigrationMode.POSTCOPY:
