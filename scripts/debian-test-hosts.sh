@@ -3,7 +3,12 @@
 # (scripts/debian-test-root.sh) under its own overlay, booted by systemd-nspawn in its own network
 # namespace `tr-NAME` on the bridge tr-br0 (198.18.0.240-.249; this machine is 198.18.0.250 there).
 # chronyd may start (CAP_SYS_TIME: Debian's unit requires it); the tests run it with -x, so it
-# never adjusts the machine's clock. Their apt reaches Debian through apt-cacher-ng on 198.18.0.250:3142 (the machine's own mirror).
+# never adjusts the machine's clock. Their apt reaches Debian through apt-cacher-ng on
+# 198.18.0.250:3142 (the machine's own mirror). Each host's /var/lib/testbed is a directory of
+# this machine's file system (bound from $STATE/NAME/data), not the overlay root: nfs-ganesha
+# exports the VM disk area under it, and ganesha needs file handles (name_to_handle_at), which
+# overlayfs does not give, and open_by_handle_at, which systemd-nspawn's seccomp filter refuses
+# (EPERM) unless allowed with CAP_DAC_READ_SEARCH.
 #   up NAME=ADDRESS...   boot the hosts (fresh: any old overlay is discarded)
 #   down                 stop every test host and remove what `up` made
 set -euo pipefail
@@ -23,8 +28,16 @@ stop_pidfile() {
   [[ $pid =~ ^[0-9]+$ ]] || return 0
   owned() { [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$program"* ]]; }
   owned || return 0
+  local children
+  children=$(pgrep -P "$pid" || true)
   kill "$pid" 2>/dev/null || true
   for _ in $(seq 50); do owned || return 0; sleep 0.2; done
+  # Still shutting down after 10 s (e.g. libvirt-guests waiting for guests that ignore ACPI):
+  # a killed systemd-nspawn leaves the host's init running, orphaned, with its network
+  # namespace and veth. Its init is pid 1 of the host's pid namespace: killing it ends them all.
+  for child in $children; do
+    [[ $(cat "/proc/$child/comm" 2>/dev/null) == systemd ]] && kill -9 "$child" 2>/dev/null
+  done
   kill -9 "$pid" 2>/dev/null || true
 }
 
@@ -54,12 +67,15 @@ up() {
     LogDir="$STATE" PidFile="$STATE/acng.pid" > "$STATE/acng.out" 2>&1 &
   for spec in "$@"; do
     name=${spec%%=*} address=${spec#*=} dir=$STATE/${spec%%=*}
-    mkdir -p "$dir"/{upper,work,merged}
+    mkdir -p "$dir"/{upper,work,merged,data}
     mount -t overlay overlay -o "lowerdir=$ROOT,upperdir=$dir/upper,workdir=$dir/work" "$dir/merged"
     install -d -m 0700 "$dir/merged/root/.ssh"
     install -m 0600 "$STATE/id_ed25519.pub" "$dir/merged/root/.ssh/authorized_keys"
     echo "Acquire::http::Proxy \"http://$ME:3142\";" > "$dir/merged/etc/apt/apt.conf.d/01testbed-proxy"
     echo "$name" > "$dir/merged/etc/hostname"
+    # As Debian's installer does: the host resolves its own name without DNS (there is none
+    # here; libvirtd looks its name up, and each lookup would wait for DNS to time out).
+    printf '127.0.1.1\t%s\n' "$name" >> "$dir/merged/etc/hosts"
     ip netns add "tr-$name"
     ip link add "tr-$name" type veth peer name eth0 netns "tr-$name"
     ip link set "tr-$name" master tr-br0 up
@@ -69,7 +85,8 @@ up() {
     ip route add "$address/32" dev tr-br0 src "$ME"
     systemd-nspawn --boot --register=no --keep-unit --quiet --machine="tr-$name" -D "$dir/merged" \
       --network-namespace-path="/run/netns/tr-$name" --console=passive \
-      --capability=CAP_SYS_TIME > "$dir/console.log" 2>&1 &
+      --capability=CAP_SYS_TIME,CAP_DAC_READ_SEARCH --system-call-filter=open_by_handle_at \
+      --bind="$dir/data:/var/lib/testbed" > "$dir/console.log" 2>&1 &
     echo $! > "$dir/nspawn.pid"
   done
   for spec in "$@"; do

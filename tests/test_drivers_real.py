@@ -12,8 +12,10 @@ from testbed.drivers.base import Host, MigrationMode, VMSpec
 from testbed.drivers.libvirt import (
     VIR_MIGRATE_LIVE,
     VIR_MIGRATE_POSTCOPY,
+    domain_type_for,
     domain_xml,
     migration_flags,
+    nfs_disk,
     record_from_job_stats,
 )
 from testbed.drivers.openvz import (
@@ -259,6 +261,49 @@ def test_libvirt_domain_xml_keeps_names_as_text() -> None:
     assert "<name>vm&lt;1&gt;</name>" in xml and '<memory unit="MiB">128</memory>' in xml
     assert '<source file="/var/lib/testbed/shared/pm1/disks/vm1.qcow2" />' in xml
 
+
+
+def test_libvirt_tcg_domain_with_an_nfs_disk_and_a_tcp_console() -> None:
+    """Where KVM does not work (the test hosts) the domain is type qemu (TCG); its disk is opened
+    by QEMU over nfs://, its serial console is a TCP server on the PM running it."""
+    import xml.etree.ElementTree as ET
+
+    xml = domain_xml(
+        VMSpec("vm1", 128, 1),
+        "nfs://198.18.0.241/var/lib/testbed/storage/tr-pm1/disks/vm1.qcow2",
+        None,
+        "/var/lib/testbed/images/qemu/vmlinux",
+        domain_type=domain_type_for("tcg\n"),
+        initrd="/var/lib/testbed/images/qemu/initramfs.cpio",
+        cmdline="console=ttyS0 quiet panic=-1",
+        console_port=4600,
+    )
+    root = ET.fromstring(xml)
+    assert root.get("type") == "qemu" and root.find("devices/interface") is None
+    source = root.find("devices/disk/source")
+    assert root.find("devices/disk").get("type") == "network" and source is not None
+    assert source.get("protocol") == "nfs" and source.get("name") == "/var/lib/testbed/storage/tr-pm1/disks/vm1.qcow2"
+    assert source.find("host").get("name") == "198.18.0.241"
+    assert root.find("os/initrd").text.endswith("initramfs.cpio") and root.find("os/cmdline").text.startswith("console")
+    assert root.find("devices/serial/source").get("service") == "4600"
+    assert domain_type_for("kvm") == "kvm"
+    with pytest.raises(ValueError, match="kvm or tcg"):
+        domain_type_for("")
+    with pytest.raises(ValueError, match="kvm or qemu"):
+        domain_xml(VMSpec("vm1", 128, 1), "/d.qcow2", domain_type="xen")
+    with pytest.raises(ValueError, match="nfs://HOST/PATH"):
+        nfs_disk("nfs://hostonly")
+
+
+def test_libvirt_peer_to_peer_migration_names_the_destination_without_this_machines_key(tmp_path: Path) -> None:
+    """The source PM's libvirtd opens the destination URI itself: it must not carry the key path
+    of the machine running the driver (the PMs use root's own key, roles/libvirt/tasks/peers.yml)."""
+    from testbed.drivers.libvirt import LibvirtDriver
+
+    hosts = [Host("pm1", "198.18.0.241", 1.0, 4), Host("pm2", "198.18.0.242", 1.0, 4)]
+    driver = LibvirtDriver(hosts, tmp_path / "key", known_hosts=tmp_path / "known_hosts")
+    assert driver.peer_uris["pm2"] == "qemu+ssh://root@198.18.0.242/system"
+    assert "keyfile=" in driver.uris["pm2"]
 
 # --- shared pieces -----------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ Debian test hosts for real, twice, the second run changing nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -24,9 +25,9 @@ ENV = os.environ | {
 }
 
 
-def run(argv: list[str], timeout: int = 300) -> subprocess.CompletedProcess[str]:
+def run(argv: list[str], timeout: int = 300, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout, check=False
+        argv, cwd=REPO, env=ENV, input=stdin, capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
@@ -131,7 +132,7 @@ def test_os_facts_names_this_debian_and_refuses_an_unlisted_os(tmp_path: Path) -
 # --- Fresh Debian 12 hosts, provisioned for real --------------------------------------------------
 # scripts/debian-test-hosts.sh boots the cached debootstrap root (built by
 # scripts/debian-test-root.sh when absent: ~65 s here) as systemd-nspawn hosts in namespaces tr-*.
-TEST_HOSTS = {"tr-ctl": "198.18.0.240", "tr-pm1": "198.18.0.241"}
+TEST_HOSTS = {"tr-ctl": "198.18.0.240", "tr-pm1": "198.18.0.241", "tr-pm2": "198.18.0.242"}
 HOSTS_SCRIPT = REPO / "scripts" / "debian-test-hosts.sh"
 KEY = Path("/var/lib/testbed-tr/id_ed25519")
 RECAP = re.compile(
@@ -141,10 +142,13 @@ RECAP = re.compile(
 )
 
 
-def write_inventory(path: Path, technique: str) -> Path:
+def write_inventory(
+    path: Path, technique: str, pms: tuple[str, ...] = ("tr-pm1",), settings: dict | None = None
+) -> Path:
     """The modern profile's settings for the test hosts (the example's addresses are a real
-    site's). chronyd runs with -x: the hosts share this machine's clock. The VM manager's token
-    on this machine is the test's own (`token_file(path)`), not the embedded lab's."""
+    site's), PMs `pms` (tr-pm2 is booted but only in the inventories that name it). chronyd runs
+    with -x: the hosts share this machine's clock. The VM manager's token on this machine is the
+    test's own (`token_file(path)`), not the embedded lab's. `settings` go to group_vars/all."""
     import yaml
 
     (path / "group_vars").mkdir(parents=True, exist_ok=True)
@@ -157,7 +161,7 @@ def write_inventory(path: Path, technique: str) -> Path:
                         "lab": {
                             "children": {
                                 "controller": {"hosts": {"tr-ctl": hosts["tr-ctl"]}},
-                                "pms": {"hosts": {"tr-pm1": hosts["tr-pm1"]}},
+                                "pms": {"hosts": {name: hosts[name] for name in pms}},
                             }
                         }
                     }
@@ -173,7 +177,7 @@ def write_inventory(path: Path, technique: str) -> Path:
         "testbed_technique": technique,
         "ntp_discipline": False,
         "balancer_local_token_file": str(token_file(path)),
-    }
+    } | (settings or {})
     (path / "group_vars/all.yml").write_text(yaml.safe_dump(modern))
     lab = yaml.safe_load((REPO / "inventory/example-modern/group_vars/lab.yml").read_text())
     lab |= {
@@ -255,7 +259,8 @@ def test_debian_paths_provision_fresh_hosts_idempotently(debian_hosts: None, tmp
     """common, ntp and the container and kvm techniques (criu, libvirt) on fresh Debian 12 hosts:
     the first run changes them, the second changes nothing."""
     for technique in ("container", "kvm"):
-        inventory = write_inventory(tmp_path / technique, technique)
+        # The guest image and the KVM probe: test_libvirt_live_migrates_a_tcg_domain_between_test_hosts
+        inventory = write_inventory(tmp_path / technique, technique, settings={"libvirt_guest_image": False})
         first = play(inventory, "common.yml", "ntp.yml", "technique.yml")
         assert first["tr-pm1"] > 0
         assert play(inventory, "common.yml", "ntp.yml", "technique.yml") == {"tr-ctl": 0, "tr-pm1": 0}
@@ -359,6 +364,166 @@ def test_balancer_runs_a_local_controller_on_a_real_pm(debian_hosts: None, tmp_p
         loop.wait(timeout=30)
     assert 100 / cpus * 0.8 <= busy["use"] <= 100 and busy["window"] >= 3, (first, busy)
 
+
+# --- libvirt live migration between two test hosts -----------------------------------------------
+# No /dev/kvm in the test hosts: the KVM probe answers tcg and the domain is type qemu. Each PM
+# serves its share with nfs-ganesha (no kernel NFS here) and QEMU opens the disk over nfs://; the
+# guest's serial console is a TCP server on whichever PM runs it (the guest's workload channel:
+# roles/qemu/files/guest-init).
+KVM_SETTINGS = {
+    "vm_storage_nfs_server": "ganesha",
+    # libvirt cannot create cgroups inside a systemd-nspawn host (read-only cgroup v1 hierarchies).
+    "libvirt_qemu_settings": {"cgroup_controllers": "[ ]"},
+}
+IMAGE_DIR = "/var/lib/testbed/images/qemu"
+CONSOLE_PORT = 4600
+
+
+class Console:
+    """The guest-init protocol over a domain's TCP serial console: "run ID ARGV..." starts a
+    program, the guest answers "@ID start", "@ID out LINE", "@ID end STATUS"; "ping" -> "@pong"."""
+
+    def __init__(self, address: str, deadline_s: float = 90) -> None:
+        import socket
+
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:  # the guest answers once its init reads the console
+            self.buffer = b""
+            try:  # a domain just started may refuse or reset the first connections
+                self.sock = socket.create_connection((address, CONSOLE_PORT), timeout=10)
+                for _ in range(10):
+                    self.sock.sendall(b"ping\n")
+                    if self.expect("@pong", 2, fail=False) is not None:
+                        return
+            except (OSError, AssertionError):
+                time.sleep(1)
+            with contextlib.suppress(AttributeError):
+                self.sock.close()
+        raise AssertionError(f"no @pong from {address}:{CONSOLE_PORT} in {deadline_s} s")
+
+    def expect(self, prefix: str, timeout_s: float, fail: bool = True) -> str | None:
+
+        end = time.monotonic() + timeout_s
+        while True:
+            while b"\n" in self.buffer:
+                line, self.buffer = self.buffer.split(b"\n", 1)
+                text = line.decode(errors="replace").strip()
+                if text.startswith(prefix):
+                    return text
+            left = end - time.monotonic()
+            if left <= 0:
+                if fail:
+                    raise AssertionError(f"no {prefix!r} from the guest in {timeout_s} s")
+                return None
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            if not chunk:
+                raise AssertionError("the guest's console closed")
+            self.buffer += chunk
+
+    def run(self, job: int, command: str) -> None:
+        self.sock.sendall(f"run {job} {command}\n".encode())
+
+    def uptime(self, job: int) -> float:
+        self.run(job, "cat /proc/uptime")
+        return float(self.expect(f"@{job} out", 20).split()[2])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def qemu_pids(host: str, vm: str) -> list[int]:
+    """The host's QEMU processes of domain `vm`, read from its process table, not from libvirt."""
+    # [q]: the pattern does not match the shell running pgrep, whose command line holds it.
+    proc = run([*on_host(host), f"pgrep -f '[q]emu-system-x86_64 -name guest={vm},' || true"])
+    return [int(pid) for pid in proc.stdout.split()]
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_libvirt_live_migrates_a_tcg_domain_between_test_hosts(debian_hosts: None, tmp_path: Path) -> None:
+    """The kvm technique's roles on two fresh test hosts (storage over nfs-ganesha, libvirt, the
+    PMs' root keys, the guest image and the KVM probe), idempotent; then a domain booted on
+    tr-pm1 from that image with its disk on tr-pm1's share moves to tr-pm2 by `virsh migrate
+    --live` while it runs: its QEMU process leaves tr-pm1 and runs on tr-pm2, the guest's uptime
+    continued across the move, and a job started in the guest before the move ends after it."""
+    from testbed.drivers.base import VMSpec
+    from testbed.drivers.libvirt import domain_type_for, domain_xml
+
+    pms = ("tr-pm1", "tr-pm2")
+    inventory = write_inventory(tmp_path / "kvm", "kvm", pms, KVM_SETTINGS)
+    started = time.monotonic()
+    assert play(inventory, "vm_storage.yml", "technique.yml")["tr-pm2"] > 0
+    provisioned = time.monotonic()
+    assert play(inventory, "vm_storage.yml", "technique.yml") == {"tr-pm1": 0, "tr-pm2": 0}
+    again = time.monotonic()
+
+    vm, src, dst = "tbvm1", "tr-pm1", "tr-pm2"
+    disk = f"/var/lib/testbed/storage/{src}/disks/{vm}.qcow2"
+    accel = run([*on_host(src), f"cat {IMAGE_DIR}/accel"]).stdout
+    xml = domain_xml(
+        VMSpec(vm, 128, 1),
+        f"nfs://{TEST_HOSTS[src]}{disk}",
+        None,
+        f"{IMAGE_DIR}/vmlinux",
+        domain_type=domain_type_for(accel),
+        initrd=f"{IMAGE_DIR}/initramfs.cpio",
+        cmdline="console=ttyS0 quiet panic=-1",
+        console_port=CONSOLE_PORT,
+    )
+    assert accel.strip() == "tcg" and "type=\"qemu\"" in xml  # no /dev/kvm in the test hosts
+    # QEMU runs as libvirt-qemu and reaches the disk over NFS as that user: the disk is its own
+    # before ganesha first looks at it (ganesha caches attributes; a later chown shows late).
+    created = run(
+        [
+            *on_host(src),
+            (
+                f"qemu-img create -q -f qcow2 {disk} 64M && chown libvirt-qemu:libvirt-qemu {disk}"
+                " && virsh create /dev/stdin"
+            ),
+        ],
+        timeout=60,
+        stdin=xml,
+    )
+    try:
+        assert created.returncode == 0, created.stdout + created.stderr
+        console = Console(TEST_HOSTS[src])
+        booted = time.monotonic()
+        before = console.uptime(1)
+        console.run(2, "sleep 20")
+        console.expect("@2 start", 20)
+        console.close()
+        source_pids = qemu_pids(src, vm)
+        assert len(source_pids) == 1 and qemu_pids(dst, vm) == []
+        moved_at = time.monotonic()
+        migrate = run(
+            [*on_host(src), f"virsh migrate --live --p2p --verbose {vm} qemu+ssh://root@{TEST_HOSTS[dst]}/system"],
+            timeout=300,
+        )
+        migrated = time.monotonic()
+        assert migrate.returncode == 0, migrate.stdout + migrate.stderr
+        assert qemu_pids(src, vm) == [] and len(qemu_pids(dst, vm)) == 1
+        state = run([*on_host(dst), f"virsh domstate {vm}"]).stdout.strip()
+        assert state == "running", state
+        console = Console(TEST_HOSTS[dst])
+        after = console.uptime(3)
+        # The same guest, not a new one: its uptime went on (at least the time since the first
+        # reading, less a second of slack), and the sleep it began on tr-pm1 ends on tr-pm2.
+        assert after >= before + (time.monotonic() - moved_at) - 1, (before, after)
+        console.expect("@2 end 0", 30)
+        console.close()
+    finally:  # a failure above stays the test's error
+        for host in pms:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                run([*on_host(host), f"virsh destroy {vm}; rm -f {disk}"], timeout=60)
+    print(
+        f"provision {provisioned - started:.0f} s, again {again - provisioned:.0f} s,"
+        f" boot to console {booted - again:.0f} s, migration {migrated - moved_at:.1f} s,"
+        f" guest uptime {before:.1f} -> {after:.1f} s"
+    )
 
 ANSIBLE_2010 = Path("/var/cache/testbed/ansible-2.12")
 

@@ -29,7 +29,9 @@ VIR_MIGRATE_UNDEFINE_SOURCE = 1 << 4
 VIR_MIGRATE_POSTCOPY = 1 << 15
 VIR_DOMAIN_JOB_STATS_COMPLETED = 1 << 0
 VIR_NODE_CPU_STATS_ALL_CPUS = -1
-POSTCOPY_SWITCH_DELAY_S = 0.5  # let the first pre-copy pass start before switching over
+POSTCOPY_SWITCH_DELAY_S = 0.5
+KVM_DOMAIN_TYPE = "kvm"
+TCG_DOMAIN_TYPE = "qemu"  # libvirt's type of a domain QEMU emulates (TCG)  # let the first pre-copy pass start before switching over
 
 
 def migration_flags(mode: MigrationMode) -> int:
@@ -71,26 +73,85 @@ def record_from_job_stats(
     )
 
 
-def domain_xml(spec: VMSpec, disk: str, bridge: str, kernel: str | None = None) -> str:
-    """A KVM domain's XML, built as a tree (names and paths are text nodes, never markup)."""
-    domain = ET.Element("domain", type="kvm")
+def domain_type_for(accel: str) -> str:
+    """libvirt's domain type for the accelerator the PM's KVM probe chose (roles/qemu's
+    probe-kvm.sh writes kvm or tcg to IMAGE_DIR/accel): a TCG guest is libvirt type 'qemu'."""
+    answer = accel.strip()
+    if answer == "tcg":
+        return TCG_DOMAIN_TYPE
+    if answer == KVM_DOMAIN_TYPE:
+        return KVM_DOMAIN_TYPE
+    raise ValueError(f"the KVM probe's answer must be kvm or tcg, not {answer!r}")
+
+
+def nfs_disk(url: str) -> tuple[str, str]:
+    """(host, path) of an nfs://HOST/PATH disk URL (QEMU's user-space NFS client, libnfs)."""
+    rest = url.removeprefix("nfs://")
+    host, _, path = rest.partition("/")
+    if not url.startswith("nfs://") or not host or not path:
+        raise ValueError(f"not an nfs://HOST/PATH disk: {url}")
+    return host, "/" + path
+
+
+def domain_xml(
+    spec: VMSpec,
+    disk: str,
+    bridge: str | None = None,
+    kernel: str | None = None,
+    *,
+    domain_type: str = KVM_DOMAIN_TYPE,
+    initrd: str | None = None,
+    cmdline: str | None = None,
+    console_port: int | None = None,
+) -> str:
+    """A domain's XML, built as a tree (names and paths are text nodes, never markup).
+
+    domain_type is 'kvm' or, where KVM does not work (TCG), 'qemu'. A disk named nfs://HOST/PATH
+    is a network disk QEMU opens itself over NFSv3 (no kernel NFS client needed); any other is a
+    file. bridge None: no network interface (the guest's channel is its serial console).
+    console_port: the serial console is a raw TCP server on that port of whichever PM runs the
+    domain (after a migration, the destination's), else a pty.
+    """
+    if domain_type != KVM_DOMAIN_TYPE and domain_type != TCG_DOMAIN_TYPE:
+        raise ValueError(f"libvirt domain type must be kvm or qemu, not {domain_type!r}")
+    domain = ET.Element("domain", type=domain_type)
     ET.SubElement(domain, "name").text = spec.name
     ET.SubElement(domain, "memory", unit="MiB").text = str(spec.memory_mb)
     ET.SubElement(domain, "vcpu").text = str(spec.vcpus)
     os_el = ET.SubElement(domain, "os")
     ET.SubElement(os_el, "type", arch="x86_64", machine="pc").text = "hvm"
-    if kernel:
-        ET.SubElement(os_el, "kernel").text = kernel
+    for tag, value in (("kernel", kernel), ("initrd", initrd), ("cmdline", cmdline)):
+        if value:
+            ET.SubElement(os_el, tag).text = value
+    ET.SubElement(domain, "on_reboot").text = "destroy"  # the guest's panic=-1 ends it
     devices = ET.SubElement(domain, "devices")
-    disk_el = ET.SubElement(devices, "disk", type="file", device="disk")
-    ET.SubElement(disk_el, "driver", name="qemu", type="qcow2", cache="none")  # shared storage: no cache
-    ET.SubElement(disk_el, "source", file=disk)
+    if disk.startswith("nfs://"):
+        host, path = nfs_disk(disk)
+        disk_el = ET.SubElement(devices, "disk", type="network", device="disk")
+        ET.SubElement(disk_el, "driver", name="qemu", type="qcow2", cache="none")
+        source = ET.SubElement(disk_el, "source", protocol="nfs", name=path)
+        ET.SubElement(source, "host", name=host)
+    else:
+        disk_el = ET.SubElement(devices, "disk", type="file", device="disk")
+        ET.SubElement(disk_el, "driver", name="qemu", type="qcow2", cache="none")  # shared storage: no cache
+        ET.SubElement(disk_el, "source", file=disk)
     ET.SubElement(disk_el, "target", dev="vda", bus="virtio")
-    iface = ET.SubElement(devices, "interface", type="bridge")
-    ET.SubElement(iface, "source", bridge=bridge)
-    ET.SubElement(iface, "model", type="virtio")
-    ET.SubElement(devices, "console", type="pty")
+    if bridge:
+        iface = ET.SubElement(devices, "interface", type="bridge")
+        ET.SubElement(iface, "source", bridge=bridge)
+        ET.SubElement(iface, "model", type="virtio")
+    if console_port is None:
+        ET.SubElement(devices, "console", type="pty")
+    else:
+        serial = ET.SubElement(devices, "serial", type="tcp")
+        ET.SubElement(serial, "source", mode="bind", host="0.0.0.0", service=str(console_port))
+        ET.SubElement(serial, "protocol", type="raw")
     return ET.tostring(domain, encoding="unicode")
+
+
+def peer_uri(address: str) -> str:
+    """The URI a PM's libvirtd reaches another PM's with in a peer-to-peer migration."""
+    return f"qemu+ssh://root@{address}/system"
 
 
 def host_busy_ns(stats: Mapping[str, int]) -> int:
@@ -113,12 +174,16 @@ class LibvirtDriver(SshGuestDriverBase):
         guest_addresses: Mapping[str, str] | None = None,
         uris: Mapping[str, str] | None = None,
         known_hosts: Path | None = None,
+        domain_type: str = KVM_DOMAIN_TYPE,
     ) -> None:
         super().__init__(hosts, key_file, guest_addresses, known_hosts)
-        self.disk_dir, self.bridge = disk_dir, bridge
+        self.disk_dir, self.bridge, self.domain_type = disk_dir, bridge, domain_type
         self.uris = {
             h.name: f"qemu+ssh://root@{h.address}/system?keyfile={key_file}&no_verify=1" for h in hosts
         } | dict(uris or {})
+        # Peer-to-peer migration: the source PM's libvirtd opens the destination itself, with the
+        # PM's own root key and known_hosts (roles/libvirt/tasks/peers.yml), not this machine's.
+        self.peer_uris = {h.name: peer_uri(h.address) for h in hosts}
         self._conns: dict[str, Any] = {}
 
     def conn(self, host: str) -> Any:
@@ -168,7 +233,7 @@ class LibvirtDriver(SshGuestDriverBase):
 
     def create_vm(self, spec: VMSpec, host: str) -> VMInfo:
         disk = spec.disk or f"{self.disk_dir}/{host}/disks/{spec.name}.qcow2"
-        self.conn(host).createXML(domain_xml(spec, disk, self.bridge), 0)
+        self.conn(host).createXML(domain_xml(spec, disk, self.bridge, domain_type=self.domain_type), 0)
         return self.created(spec, host)
 
     def destroy_vm(self, vm: str) -> None:
@@ -190,7 +255,7 @@ class LibvirtDriver(SshGuestDriverBase):
 
         source = self.vm_host(vm)
         dom = self.conn(source).lookupByName(vm)
-        dest_uri = self.uris[destination]
+        dest_uri = self.peer_uris[destination]
         start = time.time()
         switcher = None
         if mode is MigrationMode.POSTCOPY:
