@@ -111,6 +111,18 @@ def test_the_real_cc_follows_the_rule(cc):
     assert cc._action_for(None, draining=False) == "balanced"
 
 
+def test_the_real_cc_settles_for_one_interval_after_a_new_config(cc):
+    """The window of the first round after a run's config must not hold the VMs' creation."""
+    assert cc._gate(no_lcs=False) is None
+    before = time.monotonic()
+    cc.set_config(CcConfig(interval=5.0, cooldown=60.0, label="r1"))
+    assert cc._gate(no_lcs=False) == "settling"
+    assert before + 5.0 <= cc.settle_until <= time.monotonic() + 5.0
+    cc.settle_until = time.monotonic() + 100.0  # a migration's settling is never cut short
+    cc.set_config(CcConfig(interval=1.0, label="r2"))
+    assert cc.settle_until > time.monotonic() + 90.0
+
+
 def _scenario(policy: str | None, dry_run: bool = False):
     """The 7/1/1 start: assign-u moves VMs off PM1 unless told otherwise."""
     return scenario(pms=3, placement=[1] * 7 + [2, 3], app="synthetic1", instances=[2] * 9,

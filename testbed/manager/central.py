@@ -192,9 +192,15 @@ class CentralController:
     # -- control ---------------------------------------------------------------------------
 
     def set_config(self, config: CcConfig) -> None:
+        """Replace the config and settle for one of its intervals: the runner sets it as a run's
+        workloads start, and the window the next round reads would still hold what came before
+        (the VMs' creation, restored from their boot snapshots, or the previous run), on which the
+        CC once moved an idle VM in the first second of every validation run (§4.5). The
+        simulator's first window starts with the run, so it needs no such rule."""
         policy = _policy(config)
         with self._lock:
             self.config, self.policy = config, policy
+            self.settle_until = max(self.settle_until, round_rule.settle_until(time.monotonic(), config.interval))
             self.events.append("config", config=config.model_dump())
 
     def set_paused(self, paused: bool) -> None:
