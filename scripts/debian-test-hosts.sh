@@ -85,7 +85,7 @@ up() {
     ip route add "$address/32" dev tr-br0 src "$ME"
     systemd-nspawn --boot --register=no --keep-unit --quiet --machine="tr-$name" -D "$dir/merged" \
       --network-namespace-path="/run/netns/tr-$name" --console=passive \
-      --capability=CAP_SYS_TIME,CAP_DAC_READ_SEARCH --system-call-filter=open_by_handle_at \
+      --capability=CAP_SYS_TIME,CAP_DAC_READ_SEARCH,CAP_NET_ADMIN --system-call-filter=open_by_handle_at \
       --bind="$dir/data:/var/lib/testbed" > "$dir/console.log" 2>&1 &
     echo $! > "$dir/nspawn.pid"
   done
