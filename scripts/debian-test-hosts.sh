@@ -9,6 +9,8 @@
 # exports the VM disk area under it, and ganesha needs file handles (name_to_handle_at), which
 # overlayfs does not give, and open_by_handle_at, which systemd-nspawn's seccomp filter refuses
 # (EPERM) unless allowed with CAP_DAC_READ_SEARCH.
+# CAP_NET_ADMIN: tc in the host's own network namespace (the link_shaping role's test); without
+# it `tc qdisc add` fails with EPERM.
 #   up NAME=ADDRESS...   boot the hosts (fresh: any old overlay is discarded)
 #   down                 stop every test host and remove what `up` made
 set -euo pipefail
