@@ -586,8 +586,25 @@ def test_link_shaping_shapes_a_real_pm_and_removes_only_its_own_qdisc(debian_hos
         assert [q["handle"] for q in qdiscs("eth0")] == ["0:"]
         assert qdiscs("tbsite0") == before and before[0]["handle"] == "1:"
         assert play(inventory, "link_shaping.yml") == {"tr-pm1": 0}
+
+        def refused(*extra: str) -> str:
+            argv = [str(BIN / "ansible-playbook"), "-i", str(inventory), "playbooks/link_shaping.yml", *extra]
+            proc = run(argv)
+            assert proc.returncode != 0 and "changed=0" in proc.stdout, proc.stdout[-3000:]
+            return proc.stdout
+
+        assert "is not a rate like 100mbit" in refused("-e", "link_shaping_rate=100mbps")
+        # The 2010 profile's refusal, on a Debian host told it is CentOS 5: before anything changes.
+        assert "not supported on the 2010 profile" in refused(
+            "-e", "link_shaping_rate=10mbit", "-e", "link_shaping_os=centos5")
+        # A root qdisc the site set on the lab interface itself: the role fails and leaves it be.
+        site_eth0 = "tc qdisc add dev eth0 root handle 2: tbf rate 50mbit burst 16000 latency 50ms"
+        assert run([*on_host("tr-pm1"), site_eth0]).returncode == 0
+        [theirs] = qdiscs("eth0")
+        assert "already has a root qdisc the site set" in refused("-e", "link_shaping_rate=10mbit")
+        assert qdiscs("eth0") == [theirs] and theirs["handle"] == "2:"
     finally:
-        run([*on_host("tr-pm1"), "ip link del tbsite0; tc qdisc del dev eth0 root handle 7462: 2>/dev/null; true"])
+        run([*on_host("tr-pm1"), "ip link del tbsite0; tc qdisc del dev eth0 root 2>/dev/null; true"])
 
 
 @pytest.mark.lab
