@@ -9,6 +9,8 @@
 # exports the VM disk area under it, and ganesha needs file handles (name_to_handle_at), which
 # overlayfs does not give, and open_by_handle_at, which systemd-nspawn's seccomp filter refuses
 # (EPERM) unless allowed with CAP_DAC_READ_SEARCH.
+# CAP_NET_ADMIN: tc in the host's own network namespace (the link_shaping role's test); without
+# it `tc qdisc add` fails with EPERM.
 #   up NAME=ADDRESS...   boot the hosts (fresh: any old overlay is discarded)
 #   down                 stop every test host and remove what `up` made
 set -euo pipefail
@@ -85,7 +87,7 @@ up() {
     ip route add "$address/32" dev tr-br0 src "$ME"
     systemd-nspawn --boot --register=no --keep-unit --quiet --machine="tr-$name" -D "$dir/merged" \
       --network-namespace-path="/run/netns/tr-$name" --console=passive \
-      --capability=CAP_SYS_TIME,CAP_DAC_READ_SEARCH --system-call-filter=open_by_handle_at \
+      --capability=CAP_SYS_TIME,CAP_DAC_READ_SEARCH,CAP_NET_ADMIN --system-call-filter=open_by_handle_at \
       --bind="$dir/data:/var/lib/testbed" > "$dir/console.log" 2>&1 &
     echo $! > "$dir/nspawn.pid"
   done

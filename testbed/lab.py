@@ -42,6 +42,17 @@ def parse_rate(rate: str) -> int:
     return round(float(match["value"]) * _RATE_UNITS[match["unit"].lower()])
 
 
+# tbf as every shaped lab link has it: a bucket of 10 ms of traffic at the rate, at least 16 kB (a
+# few full-size frames), and packets wait at most 50 ms (roles/lab_host/defaults keeps the same).
+TBF_BURST_S, TBF_MIN_BURST, TBF_LATENCY = 0.01, 16_000, "50ms"
+
+
+def tbf_options(rate_bps: int) -> list[str]:
+    """tc's tbf options for a link at `rate_bps` bit/s: `rate ... burst ... latency ...`."""
+    return ["rate", f"{rate_bps}bit", "burst", str(max(int(rate_bps / 8 * TBF_BURST_S), TBF_MIN_BURST)),
+            "latency", TBF_LATENCY]
+
+
 def machine_cores() -> int:
     """CPUs this process may run on (what `nproc` prints): the budget the hosts' quotas share."""
     return len(os.sched_getaffinity(0))

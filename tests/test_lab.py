@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from testbed.errors import InputError
-from testbed.lab import DEFAULT_INVENTORY, load_lab, machine_cores, parse_rate
+from testbed.lab import DEFAULT_INVENTORY, load_lab, machine_cores, parse_rate, tbf_options
 
 
 def write_inventory(root: Path, pms: dict[str, dict] | None, controller: dict | None = None,
@@ -117,3 +117,12 @@ def test_a_failed_task_is_reported_with_its_commands_last_error_line() -> None:
         "tb-pm1: Build the guest image: non-zero return code (x.h:3: error: 'f' defined but not used)",
         "tb-pm3: Probe: non-zero return code (no kvm)",
         "tb-pm2: Copy: Destination not writable"]
+
+
+def test_tbf_options_are_the_embedded_labs_bucket_and_queue() -> None:
+    """What link_shaping and the bench install is what lab_host installs (its defaults)."""
+    defaults = yaml.safe_load((Path(__file__).parent.parent / "roles/lab_host/defaults/main.yml").read_text())
+    assert tbf_options(100_000_000) == ["rate", "100000000bit", "burst", "125000", "latency", "50ms"]
+    assert tbf_options(1_000_000)[3] == str(defaults["lab_host_tbf_min_burst_bytes"])
+    assert tbf_options(800_000_000)[3] == str(int(800_000_000 / 8 * defaults["lab_host_tbf_burst_seconds"]))
+    assert tbf_options(1)[5] == defaults["lab_host_tbf_latency"]

@@ -555,6 +555,59 @@ def test_the_pinned_ansible_core_2_12_reads_the_2010_site_playbook() -> None:
 
 
 @pytest.mark.lab
+@pytest.mark.slow
+def test_link_shaping_shapes_a_real_pm_and_removes_only_its_own_qdisc(debian_hosts: None, tmp_path: Path) -> None:
+    """link_shaping on tr-pm1, read back over SSH (not from Ansible): a tbf root qdisc with the
+    role's handle at the set rate on the interface holding testbed_address, nothing changed the
+    second time, a new rate replaces it, and turned off it goes, while a root qdisc the site set
+    on another device stays as it was."""
+    import json
+
+    def qdiscs(dev: str) -> list[dict]:
+        proc = run([*on_host("tr-pm1"), f"tc -j qdisc show dev {dev}"])
+        assert proc.returncode == 0, proc.stderr
+        return [q for q in json.loads(proc.stdout) if q.get("root")]
+
+    site = "ip link add tbsite0 type veth peer name tbsite1 && tc qdisc add dev tbsite0 root handle 1: tbf rate 5mbit burst 16000 latency 50ms"
+    proc = run([*on_host("tr-pm1"), f"ip link del tbsite0 2>/dev/null; {site}"])
+    assert proc.returncode == 0, proc.stderr
+    before = qdiscs("tbsite0")
+    try:
+        for rate, bytes_per_s in (("100mbit", 12_500_000), ("10mbit", 1_250_000)):
+            inventory = write_inventory(tmp_path / "inventory", "kvm", settings={"link_shaping_rate": rate})
+            assert play(inventory, "link_shaping.yml")["tr-pm1"] > 0
+            [ours] = qdiscs("eth0")
+            assert (ours["kind"], ours["handle"], ours["options"]["rate"]) == ("tbf", "7462:", bytes_per_s), ours
+            assert ours["options"]["burst"] == max(bytes_per_s // 100, 16_000), ours
+            if rate == "100mbit":
+                assert play(inventory, "link_shaping.yml") == {"tr-pm1": 0}
+        inventory = write_inventory(tmp_path / "inventory", "kvm", settings={"link_shaping_rate": None})
+        assert play(inventory, "link_shaping.yml")["tr-pm1"] > 0
+        assert [q["handle"] for q in qdiscs("eth0")] == ["0:"]
+        assert qdiscs("tbsite0") == before and before[0]["handle"] == "1:"
+        assert play(inventory, "link_shaping.yml") == {"tr-pm1": 0}
+
+        def refused(*extra: str) -> str:
+            argv = [str(BIN / "ansible-playbook"), "-i", str(inventory), "playbooks/link_shaping.yml", *extra]
+            proc = run(argv)
+            assert proc.returncode != 0 and "changed=0" in proc.stdout, proc.stdout[-3000:]
+            return proc.stdout
+
+        assert "is not a rate like 100mbit" in refused("-e", "link_shaping_rate=100mbps")
+        # The 2010 profile's refusal, on a Debian host told it is CentOS 5: before anything changes.
+        assert "not supported on the 2010 profile" in refused(
+            "-e", "link_shaping_rate=10mbit", "-e", "link_shaping_os=centos5")
+        # A root qdisc the site set on the lab interface itself: the role fails and leaves it be.
+        site_eth0 = "tc qdisc add dev eth0 root handle 2: tbf rate 50mbit burst 16000 latency 50ms"
+        assert run([*on_host("tr-pm1"), site_eth0]).returncode == 0
+        [theirs] = qdiscs("eth0")
+        assert "already has a root qdisc the site set" in refused("-e", "link_shaping_rate=10mbit")
+        assert qdiscs("eth0") == [theirs] and theirs["handle"] == "2:"
+    finally:
+        run([*on_host("tr-pm1"), "ip link del tbsite0; tc qdisc del dev eth0 root 2>/dev/null; true"])
+
+
+@pytest.mark.lab
 def test_remote_commands_and_workloads_on_a_debian_host(debian_hosts: None, tmp_path: Path) -> None:
     """The real-lab drivers' SSH layer on a real host: argv words arrive intact (no shell
     interpretation), and the workload launcher records start, output, status and end. The host's

@@ -27,7 +27,7 @@ from typing import TypeVar
 from testbed.drivers.base import Driver, Host, MigrationMode, MigrationRecord, VMSpec, WorkloadRun, pm_hosts
 from testbed.drivers.qemu import MIN_MEMORY_MB, QemuDriver
 from testbed.errors import InputError
-from testbed.lab import DEFAULT_INVENTORY, Lab, LabHost, load_lab, parse_rate
+from testbed.lab import DEFAULT_INVENTORY, Lab, LabHost, load_lab, parse_rate, tbf_options
 
 #: Synthetic1 blocks for the bench's CPU loop: far more than a bench lasts, still bounded.
 BENCH_BLOCKS = 2_000_000
@@ -39,8 +39,6 @@ WRITER_SECONDS = 900
 #: 46 MB free in a 128 MB guest): pagecheck gets half of the rest, since half of all of it (64 MB of
 #: a 128 MB guest) was OOM-killed in the guest before dirtying anything.
 GUEST_KERNEL_MB = 64
-#: tbf bucket as the lab_host role sizes it: 10 ms of traffic, at least 16 kB, 50 ms queue.
-TBF_BURST_S, TBF_MIN_BURST, TBF_LATENCY = 0.01, 16_000, "50ms"
 _BLOCK = re.compile(r"^block (\d+)$")
 _PAGECHECK = re.compile(r"^(checked|done) (\d+) bad (\d+)$")
 D = TypeVar("D", bound=Driver)
@@ -238,8 +236,7 @@ def links_at(lab: Lab, pms: tuple[LabHost, ...], rate: str) -> Iterator[None]:
     saved = [(dev, netns, _qdisc(dev, netns)) for dev, netns in ends]
     try:
         for dev, netns, _ in saved:
-            _tbf(dev, netns, parse_rate(rate), max(int(parse_rate(rate) / 8 * TBF_BURST_S), TBF_MIN_BURST),
-                 TBF_LATENCY)
+            _tc(netns, ["qdisc", "replace", "dev", dev, "root", "tbf", *tbf_options(parse_rate(rate))])
         yield
     finally:
         for dev, netns, qdisc in saved:

@@ -203,7 +203,7 @@ class MigrationStudyExecutor(LabExecutor):
         if not self.lab.embedded:
             if rate is not None:
                 raise InputError(f"link_rate {rate}: the runner shapes only the embedded lab's links; on a "
-                                 "real lab shape them yourself and leave link_rate out of the spec")
+                                 "real lab set link_shaping_rate (playbooks/link_shaping.yml) and leave link_rate out of the spec")
             return {}
         found = {pm.name: _link_rates(pm) for pm in self.lab.pms}
         wrong = {pm.name: found[pm.name] for pm in self.lab.pms
