@@ -108,7 +108,6 @@ def supported(spec: Spec, techniques: Sequence[str]) -> None:
             raise InputError(f"{where}: matrix.app: {variant.app!r} has no guest program yet")
         if variant.app == "kernel":
             kernel_single(spec)
-        if variant.app == "kernel":
             kernel_fits(spec, techniques)
         if variant.link_rate is not None:
             raise InputError(f"{where}: matrix.link_rate: link rate variants are run by the migration study "
