@@ -43,6 +43,32 @@ stop_pidfile() {
   kill -9 "$pid" 2>/dev/null || true
 }
 
+# Each host's own cgroup in the hierarchies systemd-nspawn hands to the container (name=systemd
+# and the cgroup2 one). With --keep-unit, nspawn puts the container in `payload` under the cgroup
+# it was started in; this machine has no systemd, so every host would be started in the root
+# cgroup and all would share /payload: a unit's cgroup, /payload/system.slice/UNIT, was then the
+# same on every host. Stopping nfs-ganesha on one host met the other's ganesha in it ("Failed to
+# kill control group ... Input/output error"), and a start while the other host's systemd removed
+# that cgroup failed before ganesha ran (status=219/CGROUP): CI failed on it twice.
+CGROUP_ROOTS=(/sys/fs/cgroup/systemd /sys/fs/cgroup/unified)
+join_cgroup() {
+  local root
+  for root in "${CGROUP_ROOTS[@]}"; do
+    [[ -d $root ]] || continue
+    mkdir -p "$root/testbed-tr-$1"
+    echo "$BASHPID" > "$root/testbed-tr-$1/cgroup.procs"
+  done
+}
+
+# Remove a stopped host's cgroups, deepest first (a cgroup is removed only when empty).
+remove_cgroup() {
+  local root
+  for root in "${CGROUP_ROOTS[@]}"; do
+    [[ -d $root/testbed-tr-$1 ]] || continue
+    find "$root/testbed-tr-$1" -depth -type d -exec rmdir {} \; 2>/dev/null || true
+  done
+}
+
 down() {
   for pidfile in "$STATE"/*/nspawn.pid; do
     stop_pidfile "$pidfile" systemd-nspawn
@@ -53,6 +79,7 @@ down() {
     umount -l "$dir/merged" 2>/dev/null || true
     name=$(basename "$dir")
     ip netns del "tr-$name" 2>/dev/null || true
+    remove_cgroup "$name"
     rm -rf "$dir"
   done
   ip link del tr-br0 2>/dev/null || true
@@ -85,10 +112,13 @@ up() {
     ip -n "tr-$name" link set eth0 up
     ip -n "tr-$name" link set lo up
     ip route add "$address/32" dev tr-br0 src "$ME"
-    systemd-nspawn --boot --register=no --keep-unit --quiet --machine="tr-$name" -D "$dir/merged" \
-      --network-namespace-path="/run/netns/tr-$name" --console=passive \
-      --capability=CAP_SYS_TIME,CAP_DAC_READ_SEARCH,CAP_NET_ADMIN --system-call-filter=open_by_handle_at \
-      --bind="$dir/data:/var/lib/testbed" > "$dir/console.log" 2>&1 &
+    (
+      join_cgroup "$name"
+      exec systemd-nspawn --boot --register=no --keep-unit --quiet --machine="tr-$name" -D "$dir/merged" \
+        --network-namespace-path="/run/netns/tr-$name" --console=passive \
+        --capability=CAP_SYS_TIME,CAP_DAC_READ_SEARCH,CAP_NET_ADMIN --system-call-filter=open_by_handle_at \
+        --bind="$dir/data:/var/lib/testbed"
+    ) > "$dir/console.log" 2>&1 &
     echo $! > "$dir/nspawn.pid"
   done
   for spec in "$@"; do

@@ -213,10 +213,33 @@ def play(
             timeout=1200,
         )
         recap = {m["host"]: m for m in RECAP.finditer(proc.stdout)}
-        assert proc.returncode == 0 and recap, f"{playbook}:\n{proc.stdout[-4000:]}{proc.stderr[-2000:]}"
+        assert proc.returncode == 0 and recap, (
+            f"{playbook}:\n{proc.stdout[-4000:]}{proc.stderr[-2000:]}{failed_hosts_logs(recap)}"
+        )
         for host, match in recap.items():
             changed[host] = changed.get(host, 0) + int(match["changed"])
     return changed
+
+
+# What a failed play leaves on a test host that its output does not show: systemd's reasons (a unit
+# that did not start) and the logs of daemons that write their own (ganesha's FATAL lines).
+HOST_LOGS = (
+    "journalctl --no-pager -n 40 -p notice | grep -v 'Failed to kill control group'; "
+    "tail -n 25 /var/log/ganesha/ganesha.log 2>/dev/null"
+)
+
+
+def failed_hosts_logs(recap: dict[str, re.Match[str]]) -> str:
+    """The recent logs of the test hosts where a play failed, so that CI's output says why."""
+    logs = []
+    for host, match in recap.items():
+        if int(match["failed"]) and host in TEST_HOSTS:
+            try:
+                out = run([*on_host(host), HOST_LOGS], timeout=30).stdout
+            except subprocess.TimeoutExpired:
+                out = "(no answer in 30 s)"
+            logs.append(f"\n--- {host}'s logs ---\n{out[-3000:]}")
+    return "".join(logs)
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +274,30 @@ def on_host(name: str) -> list[str]:
         "LogLevel=error",
         "root@" + TEST_HOSTS[name],
     ]
+
+
+def host_cgroups(name: str) -> dict[str, str]:
+    """A test host's cgroups (hierarchy → path) as this machine's /proc shows its init: the
+    systemd child of the host's systemd-nspawn, not what the host's own systemd reports."""
+    nspawn = (KEY.parent / name.removeprefix("tr-") / "nspawn.pid").read_text().strip()
+    init = subprocess.run(
+        ["pgrep", "-P", nspawn, "-x", "systemd"], capture_output=True, text=True, check=False
+    )
+    assert init.stdout.strip(), f"{name}: no init under systemd-nspawn {nspawn}"
+    lines = Path(f"/proc/{init.stdout.split()[0]}/cgroup").read_text().splitlines()
+    return {hierarchy: path for _, hierarchy, path in (line.split(":", 2) for line in lines)}
+
+
+@pytest.mark.lab
+def test_each_test_host_runs_in_a_cgroup_of_its_own(debian_hosts: None) -> None:
+    """Shared (all in /payload), the hosts' systemd managed one cgroup per unit name between them:
+    starts failed with 219/CGROUP and a stopped nfs-ganesha kept running (docs/DESIGN.md)."""
+    cgroups = {name: host_cgroups(name) for name in TEST_HOSTS}
+    for hierarchy in ("name=systemd", ""):  # "" is the cgroup2 hierarchy's line, 0::PATH
+        paths = {name: groups[hierarchy] for name, groups in cgroups.items()}
+        assert len(set(paths.values())) == len(paths), paths
+        for name, path in paths.items():
+            assert path.startswith(f"/testbed-{name}/"), paths
 
 
 @pytest.mark.lab
