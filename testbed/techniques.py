@@ -7,11 +7,12 @@ means adding its entry (and its driver) and nothing else that names techniques.
 
 A technique's driver and its sampler reader are named as "module:attribute" and imported only
 when used: importing the catalogue (as spec validation does) must not import every driver and
-its dependencies (QEMU's QMP client, paramiko, libvirt, numpy).
+its dependencies (QEMU's QMP client, paramiko, numpy).
 
 The catalogue is honest about what runs: only the embedded lab's techniques (qemu, container) are
 driven end to end by `testbed run`; the xen, openvz and kvm drivers exist and are tested on
-recorded outputs, but no runner wires them to a lab yet (issue #15), and `unrunnable` says so.
+recorded outputs (kvm's also on booted Debian test hosts, tests/test_real_labs.py), but no runner
+wires them to a lab yet (issue #15), and `unrunnable` says so.
 """
 
 from __future__ import annotations

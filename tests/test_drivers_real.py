@@ -10,12 +10,14 @@ import pytest
 
 from testbed.drivers.base import Host, MigrationMode, VMSpec
 from testbed.drivers.libvirt import (
-    VIR_MIGRATE_LIVE,
-    VIR_MIGRATE_POSTCOPY,
+    console_port_of,
+    cpu_from_reads,
     domain_type_for,
     domain_xml,
+    free_console_port,
     migration_flags,
     nfs_disk,
+    parse_job_stats,
     record_from_job_stats,
 )
 from testbed.drivers.openvz import (
@@ -216,10 +218,9 @@ def test_vzmigrate_phases_and_downtime() -> None:
 
 
 def test_libvirt_flags_per_mode() -> None:
-    assert migration_flags(MigrationMode.PRECOPY) & VIR_MIGRATE_LIVE
-    assert not migration_flags(MigrationMode.STOPCOPY) & VIR_MIGRATE_LIVE
-    assert migration_flags(MigrationMode.POSTCOPY) & VIR_MIGRATE_POSTCOPY
-    assert not migration_flags(MigrationMode.PRECOPY) & VIR_MIGRATE_POSTCOPY
+    assert migration_flags(MigrationMode.PRECOPY) == ["--p2p", "--live"]
+    assert migration_flags(MigrationMode.STOPCOPY) == ["--p2p"]  # paused for the whole copy
+    assert migration_flags(MigrationMode.POSTCOPY) == ["--p2p", "--live", "--postcopy", "--postcopy-after-precopy"]
 
 
 def test_libvirt_completed_job_stats_to_record() -> None:
@@ -302,8 +303,44 @@ def test_libvirt_peer_to_peer_migration_names_the_destination_without_this_machi
 
     hosts = [Host("pm1", "198.18.0.241", 1.0, 4), Host("pm2", "198.18.0.242", 1.0, 4)]
     driver = LibvirtDriver(hosts, tmp_path / "key", known_hosts=tmp_path / "known_hosts")
-    assert driver.peer_uris["pm2"] == "qemu+ssh://root@198.18.0.242/system"
-    assert "keyfile=" in driver.uris["pm2"]
+    assert driver.migrate_argv("vm1", "pm2", MigrationMode.PRECOPY) == [
+        "virsh", "migrate", "--p2p", "--live", "vm1", "qemu+ssh://root@198.18.0.242/system"
+    ]
+
+
+def test_libvirt_completed_migration_from_virsh_rawstats() -> None:
+    """`virsh domjobinfo --completed --rawstats` on the destination after a stop-and-copy move
+    of a 128 MiB TCG domain between the test hosts: libvirt's own units, unrounded."""
+    stats = parse_job_stats(read("libvirt_domjobinfo_rawstats.txt"))
+    assert stats["time_elapsed"] == 1805 and stats["downtime"] == 507 and stats["memory_iteration"] == 3
+    assert "Job type" not in stats and stats["data_processed"] == 79_824_809
+    record = record_from_job_stats(
+        stats, vm="vm1", source="pm1", destination="pm2", mode=MigrationMode.STOPCOPY, start=0.0, wall_s=2.4
+    )
+    assert (record.total_time_s, record.downtime_s, record.bytes, record.rounds) == (1.805, 0.507, 79_824_809, 3)
+
+
+def test_libvirt_cpu_between_two_reads_of_a_test_host() -> None:
+    """/proc/stat and `virsh domstats` read together on tr-pm1, 2.13 s apart, with a TCG domain
+    whose libvirt has no cgroups (no cpu.time: its vCPU's time counts)."""
+    pm = Host("tr-pm1", "198.18.0.241", capacity=0.5, cores=2)
+    before = (14056.621121936, read("libvirt_cpu_read_1.txt"))
+    after = (14058.74756965, read("libvirt_cpu_read_2.txt"))
+    host, vms = cpu_from_reads(before, after, pm)
+    # busy ticks 299 of 438 on 2 CPUs = 1.37 CPUs; vcpu.0.time +50 ms in 2.126 s = 0.0235 CPUs
+    assert host == pytest.approx(299 / 438 * 2 * 100 / 0.5)
+    assert vms == {"tbvm3": pytest.approx(0.05 / 2.126447714 * 100 / 0.5)}
+
+
+def test_libvirt_console_ports_are_read_back_from_the_xml_and_the_lowest_free_is_taken() -> None:
+    xml = domain_xml(VMSpec("vm1", 128, 1), "/d.qcow2", console_port=4602)
+    assert console_port_of(xml) == 4602
+    assert console_port_of(read("libvirt_dumpxml.xml")) == 4600  # as libvirt 9 gives it back
+    assert console_port_of(domain_xml(VMSpec("vm1", 128, 1), "/d.qcow2")) is None  # a pty console
+    assert free_console_port(set()) == 4600
+    assert free_console_port({4600, 4602}) == 4601
+    assert free_console_port({4600, 4601}, base=4600) == 4602
+
 
 # --- shared pieces -----------------------------------------------------------------------------
 

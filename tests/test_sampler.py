@@ -145,6 +145,13 @@ def test_kvm_domains_from_virsh_domstats() -> None:
     assert libvirt_vms(DOMSTATS) == {"kerub.hosts.opensuse13": VmCounters(usage_ns=18957473241, limit_cpus=2.0)}
 
 
+def test_kvm_domains_without_cgroups_count_their_vcpus_time() -> None:
+    """libvirt on the test hosts has no cgroup controllers, so domstats has no cpu.time (recorded
+    there: /proc/stat then domstats, as the libvirt driver reads them)."""
+    recorded = (Path(__file__).parent / "data/real_outputs/libvirt_cpu_read_1.txt").read_text()
+    assert libvirt_vms(recorded) == {"tbvm3": VmCounters(usage_ns=4_490_000_000, limit_cpus=1.0)}
+
+
 @pytest.mark.parametrize("technique", REAL_LAB)
 def test_a_technique_whose_tools_do_not_answer_has_no_vms(technique: str) -> None:
     """This machine has no virsh, xl, xm or /proc/vz, and no cgroup of a PM named like this."""

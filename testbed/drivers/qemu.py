@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import selectors
 import shutil
 import signal
 import socket
@@ -30,7 +29,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Hashable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -45,8 +44,8 @@ from testbed.drivers.base import (
     MigrationRecord,
     VMInfo,
     VMSpec,
-    WorkloadRun,
 )
+from testbed.drivers.guest_console import ATTACH_TIMEOUT_S, ConsoleWorkloads, GuestConsole
 from testbed.drivers.qemu_memcheck import RamComparison, compare_ram
 from testbed.drivers.qemu_snapshot import BootSnapshots, pass_fd
 from testbed.storage import create_disk_argv
@@ -75,7 +74,6 @@ UNCAPPED_BYTES_PER_S = 100 * 2**30
 #: raises the downtime limit to QEMU's maximum, so the next round is the last, as in Xen.
 XEN_MAX_ROUNDS, XEN_MAX_FACTOR = 29, 3
 MAX_DOWNTIME_LIMIT_MS = 2_000_000  # QEMU's upper bound for downtime-limit (2,000 s)
-_WORD = re.compile(r"^[A-Za-z0-9._/=:,+-]+$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,40}$")
 
 
@@ -84,7 +82,6 @@ REAP_PERIOD_S = 2.0
 CRASHED_KEPT = 50  # crashed VMs whose logs are kept
 RESTORE_TIMEOUT_S = 30.0  # a guest started from its boot snapshot answers in ~1 s (2 cores, busy)
 READY_LISTEN_S = 20.0  # a guest boots in ~5 s alone, ~20 s with 9 booting on 2 cores
-ATTACH_TIMEOUT_S = 10.0  # a console socket appears within ~1 s of QEMU starting
 
 
 class QemuError(RuntimeError):
@@ -152,73 +149,30 @@ def _identity(path: Path) -> tuple[int, int]:
     return stat.st_ino, stat.st_ctime_ns
 
 
-class _Console:
-    """The host end of a VM's serial console: timestamps the guest's `@` lines on arrival.
+class _Console(GuestConsole):
+    """A QEMU process's console as a Unix socket in the VM's directory (HOST.serial).
 
-    During a migration it holds connections to both QEMU processes' consoles, so no line is
-    lost whichever side the guest runs on when it writes; commands go to the one where the VM
-    lives (vm.json, read at each send). It watches the VM's directory for a new QEMU's console,
-    so that it follows the VM when another process (a Local Controller) migrates it. One
-    process at a time holds a VM's console (QEMU serves one client): the one that created the
-    VM or started its workloads; a driver that only migrates never connects.
-
-    Only the console's own thread connects, reads and closes sockets; other threads ask and
-    wait. Two threads connecting the same console once left a second connection queued
-    unaccepted in QEMU's backlog with commands sent into it (seen in CI after a migration).
+    It watches the VM's directory for a new QEMU's console, so that it follows the VM when
+    another process (a Local Controller) migrates it; a driver that only migrates never
+    connects. Commands go to the PM named in vm.json, read at each send.
     """
 
-    def __init__(self, vm: str, vm_dir: Path) -> None:
-        self.vm = vm
-        self.vm_dir = vm_dir
-        self.runs: dict[str, WorkloadRun] = {}
-        self.ready_lines = 0  # "@ready" seen: more than one means the guest rebooted
-        self.pongs = 0
-        self._cond = threading.Condition()
-        self._selector = selectors.DefaultSelector()
-        self._sockets: dict[Path, socket.socket] = {}
-        self._buffers: dict[socket.socket, bytes] = {}
-        self._dropped: dict[Path, tuple[int, int]] = {}  # console → identity of a socket let go
-        self._errors: dict[Path, str] = {}
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name=f"console-{vm}", daemon=True)
-        self._thread.start()
+    error = QemuError
 
-    def attach(self, path: Path, timeout_s: float = ATTACH_TIMEOUT_S) -> None:
-        """Wait until the console thread has connected to the QEMU console at `path`."""
+    def __init__(self, vm: str, vm_dir: Path) -> None:
+        self.vm_dir = vm_dir
+        self._dropped: dict[Path, tuple[int, int]] = {}  # console → identity of a socket let go
+        super().__init__(vm)
+
+    def attach(self, key: Hashable, timeout_s: float = ATTACH_TIMEOUT_S) -> None:
         with self._cond:
-            self._dropped.pop(path, None)
-            if not self._cond.wait_for(lambda: path in self._sockets, timeout=timeout_s):
-                raise QemuError(f"VM {self.vm}: cannot connect to its console {path}: "
-                                f"{self._errors.get(path, 'no socket')}")
+            self._dropped.pop(key, None)  # type: ignore[call-overload]
+        super().attach(key, timeout_s)
 
     def detach(self, path: Path) -> None:
         """Stop following the QEMU console at `path` (a process about to go)."""
         with contextlib.suppress(OSError), self._cond:
             self._dropped[path] = _identity(path)
-
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join(timeout=2)
-        for sock in list(self._buffers):
-            self._close(sock)
-
-    def send(self, line: str) -> None:
-        """Send a command to the QEMU process where the VM lives, waiting for the console
-        thread to reach it if the VM just moved."""
-        home = self._home()
-        with self._cond:
-            if not self._cond.wait_for(lambda: home in self._sockets, timeout=ATTACH_TIMEOUT_S):
-                raise QemuError(f"VM {self.vm}: console not connected ({home.name})")
-            sock = self._sockets[home]
-            sock.setblocking(True)
-            try:
-                sock.sendall(line.encode() + b"\n")
-            finally:
-                sock.setblocking(False)
-
-    def wait(self, predicate, timeout_s: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(predicate, timeout=timeout_s)
 
     def _home(self) -> Path:
         host = json.loads((self.vm_dir / "vm.json").read_text())["host"]
@@ -239,87 +193,18 @@ class _Console:
             if path not in self._sockets:
                 self._connect(path)
 
-    def _connect(self, path: Path) -> None:
+    def _open(self, key: Hashable) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(1.0)  # a QEMU that queues but does not accept must not stall the loop
         try:
-            sock.connect(str(path))
-        except OSError as err:  # a QEMU that is gone or not listening yet
-            sock.close()
-            self._errors[path] = str(err)
-            return
-        sock.setblocking(False)
-        with self._cond:
-            self._sockets[path] = sock
-            self._buffers[sock] = b""
-            self._selector.register(sock, selectors.EVENT_READ, path)
-            self._cond.notify_all()
-
-    def _close(self, sock: socket.socket) -> None:
-        with self._cond:
-            for path, held in list(self._sockets.items()):
-                if held is sock:
-                    del self._sockets[path]
-            if self._buffers.pop(sock, None) is not None:
-                self._selector.unregister(sock)
-            sock.close()
-
-    def _loop(self) -> None:
-        while not self._stop:
-            try:
-                self._step()
-            except Exception as err:  # noqa: BLE001 - the console must outlive any one bad read
-                self._errors[self.vm_dir] = f"{type(err).__name__}: {err}"
-                time.sleep(0.05)
-
-    def _step(self) -> None:
-        self._follow()
-        if not self._sockets:
-            time.sleep(0.05)
-            return
-        ready = self._selector.select(timeout=0.05)
-        now = time.time()
-        for key, _ in ready:
-            self._read(key.fileobj, now)
-
-    def _read(self, sock: socket.socket, now: float) -> None:
-        try:
-            data = sock.recv(65536)
-        except BlockingIOError:
-            return
+            sock.connect(str(key))
         except OSError:
-            data = b""
-        if not data:  # that QEMU process ended
-            self._close(sock)
-            return
-        with self._cond:
-            *lines, rest = (self._buffers.get(sock, b"") + data).split(b"\n")
-            self._buffers[sock] = rest
-            for raw in lines:
-                self._handle(raw.decode(errors="replace").strip("\r"), now)
-            self._cond.notify_all()
-
-    def _handle(self, line: str, now: float) -> None:
-        if line == "@ready":
-            self.ready_lines += 1
-        elif line == "@pong":
-            self.pongs += 1
-        elif line.startswith("@") and " " in line:
-            workload_id, _, rest = line[1:].partition(" ")
-            run = self.runs.get(workload_id)
-            if run is None:
-                return
-            kind, _, text = rest.partition(" ")
-            if kind == "start":
-                run.start = now
-            elif kind == "out":
-                run.output.append((now, text))
-            elif kind == "end":
-                run.end = now
-                run.exit_status = int(text) if text.lstrip("-").isdigit() else None
+            sock.close()
+            raise
+        return sock
 
 
-class QemuDriver:
+class QemuDriver(ConsoleWorkloads):
     """The Driver protocol (testbed.drivers.base) for QEMU VMs on the given PMs."""
 
     technique = "qemu"
@@ -646,49 +531,10 @@ class QemuDriver:
         return console
 
     def _wait_ready(self, console: _Console, timeout_s: float | None = None, booting: bool = True) -> None:
-        """Wait until the guest's init serves the console: listen for its `@ready` first, and
-        only then ask with `ping` (in case the line was missed). Pings sent while the guest
-        boots pile up in its UART before ttyS0 is opened and arrive as garbled commands, after
-        which some guests stopped answering (seen with 7 guests booting on one PM). A guest
-        restored from a boot snapshot already serves: ask at once."""
+        """Wait for a booting guest (listen first) or one restored from its boot snapshot,
+        which already serves (ask at once)."""
         timeout_s = timeout_s or self.boot_timeout_s
-        deadline = time.monotonic() + timeout_s
-        listen_until = time.monotonic() + (min(READY_LISTEN_S, timeout_s / 2) if booting else 0.0)
-
-        def answered() -> bool:
-            return bool(console.ready_lines or console.pongs)
-
-        if console.wait(answered, timeout_s=max(0.0, listen_until - time.monotonic())):
-            return
-        while time.monotonic() < deadline:
-            console.send("ping")
-            if console.wait(answered, timeout_s=2.0):
-                return
-        raise QemuError(f"VM {console.vm}: guest not ready after {timeout_s:.0f} s")
-
-    def start_workload(self, vm: str, argv: list[str]) -> WorkloadRun:
-        bad = [word for word in argv if not _WORD.match(word)]
-        if not argv or bad:
-            raise QemuError(f"VM {vm}: workload argv must be plain words, not {bad or argv}")
-        console = self._console(vm)
-        run = WorkloadRun(vm, uuid.uuid4().hex[:8], tuple(argv))
-        with console._cond:
-            console.runs[run.id] = run
-        console.send(" ".join(["run", run.id, *argv]))
-        if not console.wait(lambda: run.start is not None, timeout_s=120):
-            raise QemuError(f"VM {vm}: workload {argv[0]} did not start within 120 s")
-        return run
-
-    def workload(self, vm: str, workload_id: str) -> WorkloadRun:
-        try:
-            return self._console(vm).runs[workload_id]
-        except KeyError:
-            raise QemuError(f"VM {vm}: no workload {workload_id}") from None
-
-    def wait_workload(self, vm: str, workload_id: str, timeout_s: float) -> WorkloadRun:
-        run = self.workload(vm, workload_id)
-        self._console(vm).wait(lambda: run.finished, timeout_s=timeout_s)
-        return run
+        console.wait_ready(timeout_s, min(READY_LISTEN_S, timeout_s / 2) if booting else 0.0)
 
     def reboots(self, vm: str) -> int:
         """Times the guest booted again after its first boot (a restarted VM is not a migrated one)."""

@@ -212,20 +212,36 @@ VmReader = Callable[[], dict[str, VmCounters]]
 tools do not answer (no VM is better than no sample: the CC balances on what it sees)."""
 
 
-def libvirt_vms(domstats: str) -> dict[str, VmCounters]:
-    """Running domains of `virsh domstats --cpu-total --vcpu`: cpu.time (ns, the counter the
-    libvirt driver samples through dom.info()) and vcpu.current."""
+def parse_domstats(text: str) -> dict[str, dict[str, str]]:
+    """`virsh domstats` output: {domain: {field: value}}. Lines that are neither a `Domain:`
+    header nor key=value pairs are skipped (the libvirt driver reads it after /proc/stat)."""
     fields: dict[str, dict[str, str]] = {}
     current: dict[str, str] = {}
-    for line in domstats.splitlines():
+    for line in text.splitlines():
         if line.startswith("Domain: '") and line.endswith("'"):
             current = fields.setdefault(line[len("Domain: '"):-1], {})
         elif "=" in line:
             for pair in line.split():  # older virsh put several key=value on a line
                 key, _, value = pair.partition("=")
                 current[key] = value
-    return {name: VmCounters(usage_ns=int(f["cpu.time"]), limit_cpus=float(f.get("vcpu.current") or 0) or None)
-            for name, f in fields.items() if "cpu.time" in f}
+    return fields
+
+
+def domain_cpu_ns(fields: dict[str, str]) -> int | None:
+    """A domain's CPU time (ns) in `virsh domstats --cpu-total --vcpu`: cpu.time, which libvirt
+    reads from the domain's cgroup, or where it has none (libvirt without cgroup controllers, as
+    in the test hosts) the sum of its vCPUs' vcpu.N.time; None when neither is there."""
+    if "cpu.time" in fields:
+        return int(fields["cpu.time"])
+    vcpus = [int(value) for key, value in fields.items() if key.startswith("vcpu.") and key.endswith(".time")]
+    return sum(vcpus) if vcpus else None
+
+
+def libvirt_vms(domstats: str) -> dict[str, VmCounters]:
+    """Running domains of `virsh domstats --cpu-total --vcpu`: CPU time (domain_cpu_ns) and
+    vcpu.current."""
+    return {name: VmCounters(usage_ns=ns, limit_cpus=float(f.get("vcpu.current") or 0) or None)
+            for name, f in parse_domstats(domstats).items() if (ns := domain_cpu_ns(f)) is not None}
 
 
 def xen_vms(xl_list: str) -> dict[str, VmCounters]:
@@ -269,7 +285,7 @@ def _answering(read: VmReader) -> VmReader:
 def libvirt_reader(host: Host) -> VmReader:
     """virsh (libvirt-clients, where the kvm technique is installed), read-only: the PM's venv
     has no libvirt binding, which is compiled against the host's libvirt."""
-    argv = ["virsh", "-r", "-c", "qemu:///system", "domstats", "--state-running", "--cpu-total", "--vcpu"]
+    argv = ["virsh", "-r", "-c", "qemu:///system", "domstats", "--list-running", "--cpu-total", "--vcpu"]
     return lambda: libvirt_vms(_tool(argv))
 
 
