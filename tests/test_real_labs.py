@@ -276,10 +276,16 @@ def on_host(name: str) -> list[str]:
     ]
 
 
+def host_state(name: str) -> Path:
+    """What scripts/debian-test-hosts.sh keeps of a test host on this machine: its root file
+    system (merged/), the pid of its systemd-nspawn (nspawn.pid)."""
+    return KEY.parent / name.removeprefix("tr-")
+
+
 def host_cgroups(name: str) -> dict[str, str]:
     """A test host's cgroups (hierarchy → path) as this machine's /proc shows its init: the
     systemd child of the host's systemd-nspawn, not what the host's own systemd reports."""
-    nspawn = (KEY.parent / name.removeprefix("tr-") / "nspawn.pid").read_text().strip()
+    nspawn = (host_state(name) / "nspawn.pid").read_text().strip()
     init = subprocess.run(
         ["pgrep", "-P", nspawn, "-x", "systemd"], capture_output=True, text=True, check=False
     )
@@ -427,7 +433,7 @@ def known_hosts(path: Path, hosts: tuple[str, ...]) -> Path:
     drivers refuse hosts whose key they do not know (testbed.drivers.ssh.ssh_client)."""
     rows = []
     for name in hosts:
-        pub = KEY.parent / name.removeprefix("tr-") / "merged/etc/ssh/ssh_host_ed25519_key.pub"
+        pub = host_state(name) / "merged/etc/ssh/ssh_host_ed25519_key.pub"
         kind, key = pub.read_text().split()[:2]
         rows.append(f"{TEST_HOSTS[name]} {kind} {key}\n")
     path.write_text("".join(rows))

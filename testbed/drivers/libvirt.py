@@ -200,7 +200,6 @@ def peer_uri(address: str) -> str:
     return f"qemu+ssh://root@{address}/system"
 
 
-
 def console_port_of(xml: str) -> int | None:
     """The TCP port of a domain's serial console (domain_xml's `console_port`), from its XML."""
     source = ET.fromstring(xml).find("devices/serial[@type='tcp']/source")
