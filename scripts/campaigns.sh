@@ -10,9 +10,10 @@
 #        bash scripts/campaigns.sh --list         the table
 # Needs the lab up (`testbed lab up`); exp3-container needs its swap (`lab_host_swap_mb: 2048` in
 # inventory/local/group_vars/all.yml, then `testbed lab up`: README, "Kernel workload"), and the
-# runner refuses it in one line without. Rerunning resumes (recorded runs are skipped); results go
-# to ${TESTBED_RESULTS:-results}/campaigns/NAME, then plots and a report. Exits 1 when a campaign
-# failed; the summary says where each one's results or logs are.
+# runner refuses it in one line without; appendix-a-container needs the game server's opt-in
+# package (`bash scripts/bootstrap.sh --game`), refused in one line without too. Rerunning resumes
+# (recorded runs are skipped); results go to ${TESTBED_RESULTS:-results}/campaigns/NAME, then plots
+# and a report. Exits 1 when a campaign failed; the summary says where each one's results or logs are.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"

@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testbed.analysis.appendix_a import phase_table
+from testbed.analysis.appendix_a import overhead_table, phase_table
 from testbed.analysis.data import load
 from testbed.cli import main
 from testbed.drivers.base import MigrationMode, MigrationOrder
 from testbed.errors import InputError
 from testbed.lab import Lab, parse_rate, tc_rate_bps
-from testbed.results import MigrationRow, ResultsStore, read_table
+from testbed.results import CpuSample, MigrationRow, ResultsStore, read_table
 from testbed.runner import executor, services
 from testbed.runner.campaign import Run, RunResult, cells, run_campaign
 from testbed.runner.executor import APPS, chains
@@ -57,14 +57,15 @@ def test_appendix_a_sweeps_the_idle_vm_and_runs_the_apps_at_full_rate(monkeypatc
     full = max(rates, key=parse_rate)
     assert len(rates) >= 4
     compressions = {"container": ("none", "bzip2", "zstd"), "qemu": ("none", "zstd")}  # QEMU has no bzip2
-    apps = {"container": {"allocator", "http", "database"}, "qemu": {"allocator", "kernel"}}  # kernel: swap
+    apps = {"container": {"allocator", "http", "database", "game"}, "qemu": {"allocator", "kernel"}}  # kernel: swap
     for technique in ("container", "qemu"):
         mine = spec.variants(technique)
         idle = {(v.link_rate, v.compression) for v in mine if v.app == "idle"}
         assert idle == {(r, c) for r in rates for c in compressions[technique]}
         assert {(v.app, v.link_rate) for v in mine if v.app != "idle"} == {(a, full) for a in apps[technique]}
+        monkeypatch.setattr(services, "game_missing", lambda: None)  # the game's package is opt-in
         supported(spec, [technique])
-    assert len(cells(spec)) * spec.repetitions == (3 * len(rates) + 9 + 2 * len(rates) + 4) * 5
+    assert len(cells(spec)) * spec.repetitions == (3 * len(rates) + 12 + 2 * len(rates) + 4) * 5
 
 
 def test_exclude_rules_may_name_a_technique() -> None:
@@ -179,6 +180,11 @@ def test_migration_timeout_covers_the_memory_twice_at_the_link_rate() -> None:
 
 # --- Table A.1 from recorded results ----------------------------------------------------------
 
+WARMUP_S, SAMPLE_S = 12.0, 0.5
+BEFORE = {"tb-pm1": 8.0, "tb-pm2": 1.5}  # each PM's CPU % before the migration
+EXTRA = {"tb-pm1": 0.9, "tb-pm2": 0.4}  # the CPU-seconds the migration costs each
+
+
 @dataclass
 class RecordedStudy:
     """Study runs as the executor records them: a record per run (its phases sum to the total,
@@ -191,11 +197,21 @@ class RecordedStudy:
         copy = wire * 8 / parse_rate(run.variant.link_rate or "100mbit")
         phases = {"suspend": 0.03, "dump": dump / 5e8, "copy": copy, "undump": dump / 6e8, "resume": 0.01 * run.rep}
         total = sum(phases.values())
-        order = MigrationOrder("vm1", "tb-pm1", "tb-pm2", MigrationMode.STOPCOPY, start)
+        order = MigrationOrder("vm1", "tb-pm1", "tb-pm2", MigrationMode.STOPCOPY, start + WARMUP_S)
         record = order.record(total, downtime_s=total, bytes_sent=wire, phases=phases,
                               details={"dump_bytes": dump, "memory_mb": run.spec.memory_mb})
-        row = MigrationRow("vm1", "tb-pm1", "tb-pm2", "stopcopy", start, total, total, wire, "completed")
-        return RunResult("ok", start, start + total + 5, migrations=[row], details={"migration": record.as_dict()})
+        row = MigrationRow("vm1", "tb-pm1", "tb-pm2", "stopcopy", start + WARMUP_S, total, total, wire, "completed")
+        return RunResult("ok", start, start + WARMUP_S + total + 5, migrations=[row], cpu_samples=self.cpu(total),
+                         details={"migration": record.as_dict()})
+
+    @staticmethod
+    def cpu(total: float) -> list[CpuSample]:
+        """Each PM at its BEFORE rate, plus its EXTRA CPU-seconds spread over the samples that
+        overlap the migration (WARMUP_S to WARMUP_S + total)."""
+        starts = [SAMPLE_S * k for k in range(int((WARMUP_S + total + 5) / SAMPLE_S))]
+        during = [t for t in starts if t < WARMUP_S + total and t + SAMPLE_S > WARMUP_S]
+        return [CpuSample(t, pm, "", BEFORE[pm] + (100 * EXTRA[pm] / (len(during) * SAMPLE_S) if t in during else 0))
+                for t in starts for pm in BEFORE]
 
 
 @pytest.fixture
@@ -222,6 +238,16 @@ def test_phase_table_means_each_phase_per_variant(study_dir: Path) -> None:
     assert table["link_rate"].tolist()[:2] == ["10mbit", "10mbit"]  # slowest first within an app
 
 
+def test_overhead_table_finds_the_cpu_each_pm_spent_on_the_migration(study_dir: Path) -> None:
+    table = overhead_table(load(study_dir))
+    assert len(table) == 2 * 2 * 2 and (table["runs"] == 2).all()
+    assert table["source_cpu_s"].to_numpy() == pytest.approx(EXTRA["tb-pm1"], rel=1e-4)  # the CSV keeps 6 digits
+    assert table["destination_cpu_s"].to_numpy() == pytest.approx(EXTRA["tb-pm2"], rel=1e-4)
+    assert table["source_before_pct"].to_numpy() == pytest.approx(BEFORE["tb-pm1"])
+    assert table["source_cpu_s_sd"].to_numpy() == pytest.approx(0, abs=1e-5)
+    assert table["link_rate"].tolist()[:2] == ["10mbit", "10mbit"]
+
+
 def test_plot_and_report_show_table_a1(study_dir: Path) -> None:
     assert main(["plot", str(study_dir)]) == 0
     sidecar = json.loads((study_dir / "figures" / "migration_phases.json").read_text())
@@ -230,6 +256,7 @@ def test_plot_and_report_show_table_a1(study_dir: Path) -> None:
     assert main(["report", str(study_dir)]) == 0
     page = (study_dir / "report.html").read_text()
     assert "<h2>Migration phases (Table A.1)</h2>" in page and "<th>undump_s</th>" in page
+    assert "<h2>Migration CPU overhead</h2>" in page and "<th>destination_cpu_s_sd</th>" in page
 
 
 # --- on the embedded lab ------------------------------------------------------------------------
@@ -273,6 +300,9 @@ def test_idle_container_migrates_through_testbed_run_then_plots(embedded_lab: La
     assert record["phases"]["copy"] >= 0.9 * int(move["bytes"]) * 8 / rate
     assert float(move["downtime_s"]) == pytest.approx(sum(record["phases"].values()), rel=1e-3)
     assert _link_rates(embedded_lab) == {pm.link_rate_bps // 8 * 8 for pm in embedded_lab.pms}
+    (cost,) = overhead_table(load(results)).itertuples()  # the dump agent's work, seen in the PMs' CPU
+    print(f"migration CPU: source {cost.source_cpu_s:.2f} CPU-s, destination {cost.destination_cpu_s:.2f} CPU-s")
+    assert cost.source_cpu_s > 0 and cost.destination_cpu_s > 0
 
     assert _testbed("plot", str(results), timeout=120).returncode == 0
     for figure in ("migration_vs_link_rate", "migration_phases"):

@@ -6,6 +6,14 @@ the study keeps in DIR/runs/<run_id>.json under `migration` (testbed/runner/migr
 so the table reads both from there, for the ok runs only. Phase names are the drivers' own, the
 `_s` suffix dropped: containers suspend, dump, copy, undump, resume (downtime is their sum);
 QEMU prepare (before the migration starts: the destination's QEMU), transfer, resume.
+
+The migration's CPU overhead (the thesis found it insignificant, §4.6) is read from the CPU the
+study samples on every PM all along (cpu_samples.csv): the CPU-seconds the source and the
+destination PM used above their own rate just before the migration, over the samples that overlap
+it. Each PM's total counts: the containers' dump agent and QEMU's migration thread run in the
+PM's cgroup. On a PM already saturated before the migration (a compiling VM) the migration can only
+displace the app's CPU, not add to it, so the overhead there reads near zero: the idle VM's row is
+the clean measure.
 """
 
 from __future__ import annotations
@@ -23,6 +31,13 @@ from testbed.lab import parse_rate
 #: Phases in the order they happen (App. A's for containers, then QEMU's).
 PHASE_ORDER = ("suspend", "dump", "copy", "undump", "prepare", "transfer", "resume")
 KEYS = ["technique", "mode", "app", "link_rate", "compression"]
+#: Seconds of CPU samples just before a migration that give a PM's rate without it.
+BASELINE_S = 10.0
+OVERHEAD_CAPTION = ("Migration CPU overhead: the CPU-seconds each PM used above its rate of the "
+                    f"{BASELINE_S:.0f} s before the migration, over the CPU samples that overlap the migration; "
+                    "mean and sample standard deviation over the ok runs of each variant, and the source's rate "
+                    "before the migration (% of one core). On a PM saturated before the migration it can "
+                    "only displace the app's CPU, so there it reads near zero.")
 CAPTION = ("Mean of each migration phase (s) over the ok runs of each variant (thesis Table A.1), with "
            "the mean total time and downtime, the memory the technique moved (container: its dump; QEMU: "
            "the RAM it sent) and the megabytes on the wire (after compression).")
@@ -61,9 +76,7 @@ def phase_table(c: Campaign) -> pd.DataFrame:
     measures = [*(f"{p}_s" for p in phases), "total_time_s", "downtime_s", "memory_mb", "moved_mb", "wire_mb"]
     table = records.groupby(KEYS, as_index=False).agg(runs=("run_id", "count"),
                                                       **{m: (m, "mean") for m in measures})
-    table["rate_bps"] = [parse_rate(r) if r else np.inf for r in table["link_rate"]]
-    return table.sort_values(["technique", "app", "rate_bps", "compression"]).drop(columns="rate_bps") \
-        .reset_index(drop=True)
+    return _in_order(table)
 
 
 def phase_figure(c: Campaign) -> tuple[Figure, list[str]] | None:
@@ -90,3 +103,64 @@ def phase_figure(c: Campaign) -> tuple[Figure, list[str]] | None:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, title="phase")
     return fig, migration_records(c)["run_id"].tolist()
+
+
+def overhead_records(c: Campaign) -> pd.DataFrame:
+    """One row per completed migration of an ok run: the CPU-seconds its source and its destination
+    PM used above their rate before it (BASELINE_S), and the source's rate before it."""
+    moves = c.ok(c.migrations)
+    moves = moves[moves["status"] == "completed"].merge(
+        c.runs[["run_id", "started_at"]].rename(columns={"started_at": "run_started_at"}), on="run_id")
+    pms = c.cpu_samples[c.cpu_samples["vm"].fillna("") == ""]
+    rows = []
+    for move in moves.itertuples():
+        start = (move.started_at - move.run_started_at).total_seconds()
+        window = (start, start + move.total_time_s)
+        samples = pms[pms["run_id"] == move.run_id]
+        source = _excess(samples[samples["host"] == move.source], *window)
+        destination = _excess(samples[samples["host"] == move.destination], *window)
+        if source is None or destination is None:
+            continue
+        rows.append({"run_id": move.run_id, **{k: getattr(move, k) for k in KEYS},
+                     "total_time_s": move.total_time_s, "source_before_pct": source[1],
+                     "source_cpu_s": source[0], "destination_cpu_s": destination[0]})
+    return pd.DataFrame(rows)
+
+
+def _excess(samples: pd.DataFrame, start: float, end: float) -> tuple[float, float] | None:
+    """(CPU-seconds above the rate before `start`, that rate in %) of one PM's samples, each
+    covering the time to the next; None without samples on both sides of `start`."""
+    samples = samples.sort_values("t_s")
+    t = samples["t_s"].to_numpy()
+    pct = samples["cpu_pct"].to_numpy()
+    if len(t) < 3:
+        return None
+    dt = np.append(np.diff(t), np.median(np.diff(t)))
+    before = (t + dt <= start) & (t >= start - BASELINE_S)
+    during = (t < end) & (t + dt > start)
+    if not before.any() or not during.any():
+        return None
+    rate = float(pct[before].mean())
+    return float(((pct[during] - rate) / 100 * dt[during]).sum()), rate
+
+
+def overhead_table(c: Campaign) -> pd.DataFrame:
+    """The migration CPU overhead per variant: runs, mean and sd of each PM's CPU-seconds, the
+    source's rate before (empty without completed migrations and their PMs' samples)."""
+    records = overhead_records(c)
+    if records.empty:
+        return records
+    table = records.groupby(KEYS, as_index=False).agg(
+        runs=("run_id", "count"), total_time_s=("total_time_s", "mean"),
+        source_before_pct=("source_before_pct", "mean"),
+        source_cpu_s=("source_cpu_s", "mean"), source_cpu_s_sd=("source_cpu_s", "std"),
+        destination_cpu_s=("destination_cpu_s", "mean"), destination_cpu_s_sd=("destination_cpu_s", "std"))
+    return _in_order(table)
+
+
+def _in_order(table: pd.DataFrame) -> pd.DataFrame:
+    """A per-variant table by technique, app, link rate (slowest first; the lab's own rate last)
+    and compression."""
+    rates = [parse_rate(r) if r else np.inf for r in table["link_rate"]]
+    return table.assign(rate_bps=rates).sort_values(["technique", "app", "rate_bps", "compression"]) \
+        .drop(columns="rate_bps").reset_index(drop=True)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from testbed.analysis.appendix_a import CAPTION, phase_table
+from testbed.analysis.appendix_a import CAPTION, OVERHEAD_CAPTION, overhead_table, phase_table
 from testbed.analysis.data import (
     Campaign,
     comparison_table,
@@ -158,6 +158,7 @@ def render(c: Campaign, figures: list[FigureInfo]) -> str:
     variants = variant_table(c).drop(columns=["run_ids"])
     twins = comparison_table(c).drop(columns=["run_ids"])
     phases = phase_table(c)
+    overhead = overhead_table(c) if not phases.empty else phases
     counts = c.runs["status"].value_counts().to_dict()
     name = c.manifest.get("experiment", c.directory.name)
     spec = yaml.safe_dump(c.manifest.get("spec", {}), sort_keys=False)
@@ -175,7 +176,7 @@ one observation per run is the mean execution time over its VMs.</p>
 <p>Relative change of the mean execution time of each "with migration" variant against its
 "no migration" twin (negative: migration shortened it), with the two-sided p-value of Welch's t-test.</p>
 {_table(twins)}
-{_manager_time(c)}{_manager_steps(c)}{"" if phases.empty else f"<h2>Migration phases (Table A.1)</h2><p>{escape(CAPTION)}</p>{_table(phases)}"}
+{_manager_time(c)}{_manager_steps(c)}{"" if phases.empty else f"<h2>Migration phases (Table A.1)</h2><p>{escape(CAPTION)}</p>{_table(phases)}"}{"" if overhead.empty else f"<h2>Migration CPU overhead</h2><p>{escape(OVERHEAD_CAPTION)}</p>{_table(overhead)}"}
 {_validation(c)}<h2>Runs left out</h2>
 {_left_out(c)}
 <h2>Figures</h2>
