@@ -11,9 +11,10 @@ The migration's CPU overhead (the thesis found it insignificant, §4.6) is read 
 study samples on every PM all along (cpu_samples.csv): the CPU-seconds the source and the
 destination PM used above their own rate just before the migration, over the samples that overlap
 it. Each PM's total counts: the containers' dump agent and QEMU's migration thread run in the
-PM's cgroup. On a PM already saturated before the migration (a compiling VM) the migration can only
-displace the app's CPU, not add to it, so the overhead there reads near zero: the idle VM's row is
-the clean measure.
+PM's cgroup. The figure is net of the app: a stop-and-copy freezes the app, whose CPU then stops
+(a busy server's row can read below zero), and on a PM saturated before the migration (a compiling
+VM) the migration can only displace the app's CPU, not add to it: the idle VM's row is the clean
+measure.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ BASELINE_S = 10.0
 OVERHEAD_CAPTION = ("Migration CPU overhead: the CPU-seconds each PM used above its rate of the "
                     f"{BASELINE_S:.0f} s before the migration, over the CPU samples that overlap the migration; "
                     "mean and sample standard deviation over the ok runs of each variant, and the source's rate "
-                    "before the migration (% of one core). On a PM saturated before the migration it can "
-                    "only displace the app's CPU, so there it reads near zero.")
+                    "before the migration (% of one core). Net of the app: a frozen app's CPU stops (a busy "
+                    "server's row can read below zero), and on a saturated PM the migration can only "
+                    "displace the app's CPU; the idle VM's rows are the clean measure.")
 CAPTION = ("Mean of each migration phase (s) over the ok runs of each variant (thesis Table A.1), with "
            "the mean total time and downtime, the memory the technique moved (container: its dump; QEMU: "
            "the RAM it sent) and the megabytes on the wire (after compression).")
