@@ -7,7 +7,7 @@ so the table reads both from there, for the ok runs only. Phase names are the dr
 `_s` suffix dropped: containers suspend, dump, copy, undump, resume (downtime is their sum);
 QEMU prepare (before the migration starts: the destination's QEMU), transfer, resume.
 
-The migration's CPU overhead (the thesis found it insignificant, §4.6) is read from the CPU the
+The migration's CPU overhead (the thesis' conclusions, ch. 6, found it insignificant) is read from the CPU the
 study samples on every PM all along (cpu_samples.csv): the CPU-seconds the source and the
 destination PM used above their own rate just before the migration, over the samples that overlap
 it. Each PM's total counts: the containers' dump agent and QEMU's migration thread run in the
@@ -137,7 +137,8 @@ def _excess(samples: pd.DataFrame, start: float, end: float) -> tuple[float, flo
     pct = samples["cpu_pct"].to_numpy()
     if len(t) < 3:
         return None
-    dt = np.append(np.diff(t), np.median(np.diff(t)))
+    gaps = np.diff(t)
+    dt = np.append(gaps, np.median(gaps))  # the last sample covers a typical period
     before = (t + dt <= start) & (t >= start - BASELINE_S)
     during = (t < end) & (t + dt > start)
     if not before.any() or not during.any():
