@@ -72,7 +72,7 @@ def clock_offsets(lab: Lab) -> dict[str, float]:
 
 def _run(lab: Lab, host: LabHost, argv: tuple[str, ...]) -> str:
     """Run a command on a lab host as root with the lab key; its stdout, or an error with stderr."""
-    with ssh_client(lab.state_dir / "known_hosts") as client:
+    with ssh_client(lab.known_hosts) as client:
         client.connect(
             host.address,
             username="root",

@@ -29,6 +29,11 @@ VETH_PREFIX = "tbv-"
 HOST_PREFIX = "tb-"
 IFNAMSIZ = 15
 DEFAULT_INVENTORY = Path(__file__).resolve().parent.parent / "inventory" / "local"
+#: Where a real PM's own CPU use comes from (`testbed_pm_cpu`, `testbed manager lc --pm-cpu`): the
+#: machine's /proc/stat, or the sum of its VMs' use, for PMs that share one kernel and so one
+#: /proc/stat (the test hosts: systemd-nspawn containers on one machine), where the machine's figure
+#: would make every PM look equally loaded.
+PM_CPU_SOURCES = ("machine", "vms")
 
 _RATE = re.compile(r"^(?P<value>\d+(?:\.\d+)?)(?P<unit>bit|kbit|mbit|gbit)$", re.IGNORECASE)
 _RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
@@ -101,6 +106,15 @@ class Lab:
     gateway: str
     embedded: bool
     state_dir: Path
+    #: What this machine reaches the hosts with as root (testbed.drivers.ssh, testbed.clock): the key
+    #: (None: the lab state directory's id_ed25519, the embedded lab's) and the hosts' keys (None: the
+    #: state directory's known_hosts on the embedded lab, the user's ~/.ssh/known_hosts on a real one).
+    key_file: Path | None = None
+    known_hosts_file: Path | None = None
+    #: The virtualization technique a real lab's PMs run (its `testbed_technique`); None: embedded.
+    technique: str | None = None
+    #: Where a real PM's own CPU use comes from (PM_CPU_SOURCES, `testbed_pm_cpu`).
+    pm_cpu: str = "machine"
 
     @property
     def controller(self) -> LabHost:
@@ -112,15 +126,26 @@ class Lab:
 
     @property
     def ssh_key(self) -> Path:
-        return self.state_dir / "id_ed25519"
+        """The key this machine logs in to the hosts with: the inventory's
+        `ansible_ssh_private_key_file` (the one Ansible uses), else the lab state directory's."""
+        return self.key_file or self.state_dir / "id_ed25519"
+
+    @property
+    def known_hosts(self) -> Path | None:
+        """The hosts' SSH keys this machine trusts (testbed.drivers.ssh.ssh_client): the inventory's
+        `testbed_known_hosts`, else the embedded lab's file (lab_host writes it), else None (a real
+        lab: the user's ~/.ssh/known_hosts)."""
+        if self.known_hosts_file is not None:
+            return self.known_hosts_file
+        return self.state_dir / "known_hosts" if self.embedded else None
 
     def ssh_argv(self, host: LabHost, argv: list[str]) -> list[str]:
         """`ssh` command line running `argv` on a host as root with the lab key (on the embedded
         lab: inside the host's namespace and cgroups). The remote shell sees `argv` quoted."""
         import shlex
 
-        return ["ssh", "-i", str(self.ssh_key), "-o", "BatchMode=yes",
-                "-o", f"UserKnownHostsFile={self.state_dir / 'known_hosts'}",
+        known = ["-o", f"UserKnownHostsFile={self.known_hosts}"] if self.known_hosts else []
+        return ["ssh", "-i", str(self.ssh_key), "-o", "BatchMode=yes", *known,
                 "-o", "StrictHostKeyChecking=accept-new", f"root@{host.address}", "--", shlex.join(argv)]
 
     def host(self, name: str) -> LabHost:
@@ -151,6 +176,10 @@ _LAB_VARS = {
     "testbed_lab_gateway": "198.18.0.1",
     "testbed_embedded": False,
     "testbed_lab_state_dir": "/var/lib/testbed/lab",
+    "testbed_technique": None,
+    "testbed_pm_cpu": "machine",
+    "testbed_known_hosts": None,
+    "ansible_ssh_private_key_file": None,
 }
 
 
@@ -227,6 +256,9 @@ def _validate(path: Path, raw: list[_RawHost], cores: float) -> Lab:
             )
         seen[host.address] = r.name
         hosts.append(host)
+    pm_cpu = str(first["testbed_pm_cpu"])
+    if pm_cpu not in PM_CPU_SOURCES:
+        raise InputError(f"{where}: testbed_pm_cpu: {pm_cpu!r} is not one of {', '.join(PM_CPU_SOURCES)}")
     gateway = str(first["testbed_lab_gateway"])
     if gateway in seen:
         raise InputError(f"{where}: host {seen[gateway]}: testbed_address: {gateway} is the lab gateway")
@@ -243,7 +275,16 @@ def _validate(path: Path, raw: list[_RawHost], cores: float) -> Lab:
         gateway=gateway,
         embedded=embedded,
         state_dir=Path(str(first["testbed_lab_state_dir"])),
+        key_file=_path(first["ansible_ssh_private_key_file"]),
+        known_hosts_file=_path(first["testbed_known_hosts"]),
+        technique=None if embedded or first["testbed_technique"] is None else str(first["testbed_technique"]),
+        pm_cpu=pm_cpu,
     )
+
+
+def _path(value: object) -> Path | None:
+    """An inventory path (`~` expanded, as Ansible does), or None when unset."""
+    return None if value in (None, "") else Path(str(value)).expanduser()
 
 
 def _host(where: str, raw: _RawHost, network: ipaddress.IPv4Network | ipaddress.IPv6Network,

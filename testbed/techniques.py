@@ -9,10 +9,11 @@ A technique's driver and its sampler reader are named as "module:attribute" and 
 when used: importing the catalogue (as spec validation does) must not import every driver and
 its dependencies (QEMU's QMP client, paramiko, numpy).
 
-The catalogue is honest about what runs: only the embedded lab's techniques (qemu, container) are
-driven end to end by `testbed run`; the xen, openvz and kvm drivers exist and are tested on
-recorded outputs (kvm's also on booted Debian test hosts, tests/test_real_labs.py), but no runner
-wires them to a lab yet (issue #15), and `unrunnable` says so.
+The catalogue is honest about what runs: `testbed run` drives the embedded lab's techniques (qemu,
+container) and, on a real lab whose PMs run it (`testbed_technique: kvm`), libvirt; the xen and
+openvz drivers exist and are tested on recorded outputs, but no runner wires them to a lab yet
+(issue #15), and `unrunnable` says so. A real lab's driver is made from its PMs and the SSH key
+and known hosts this machine (or a PM's Local Controller) reaches them with (`make_driver`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
 MODES = tuple(mode.value for mode in MigrationMode)
 #: Every compression a migration may be asked for ("none": uncompressed).
 COMPRESSIONS = ("none", "bzip2", "zstd", "zlib")
-_REAL_LAB_ONLY = ("its driver needs the real lab's SSH key, guest images and addresses, which no runner "
+_REAL_LAB_ONLY = ("its driver needs the real lab's guest images and guest addresses, which no runner "
                   "wires to it yet (issue #15)")
 
 
@@ -145,8 +147,8 @@ _ENTRIES = (
         name="kvm", label="libvirt/KVM", vm_noun="a libvirt domain", driver="testbed.drivers.libvirt:LibvirtDriver",
         default_mode="precopy", modes=MODES, compressions=("none",),
         vm_cpu="testbed.manager.sampler:libvirt_reader",
-        in_specs=False,  # no experiment names it until the runner drives a libvirt lab (issue #15)
-        unrunnable=_REAL_LAB_ONLY,
+        # a QEMU guest's image (the qemu role's, booted by libvirt): its kernel keeps as much
+        guest_footprint_mb=96,
     ),
     Technique(
         name="sim", label="the simulator", vm_noun="a simulated VM", driver="testbed.drivers.sim:SimDriver",
@@ -165,6 +167,8 @@ SPEC_NAMES = tuple(t.name for t in _ENTRIES if t.in_specs)
 EMBEDDED = tuple(t.name for t in _ENTRIES if t.embedded)
 #: What `testbed run` drives on a lab.
 RUNNABLE = tuple(t.name for t in _ENTRIES if t.runnable)
+#: What `testbed run` drives on a real lab whose PMs run it (a driver over SSH, made with a key).
+REAL_RUNNABLE = tuple(t.name for t in _ENTRIES if t.runnable and not t.embedded and not t.simulated)
 #: What `testbed bench migration` measures.
 BENCHED = tuple(t.name for t in _ENTRIES if t.bench is not None)
 #: What a real lab's `testbed_technique` (and `testbed manager lc --vm-cpu`) may name.
@@ -182,12 +186,18 @@ def technique(name: str) -> Technique:
         raise InputError(f"unknown technique {name!r} (known: {', '.join(CATALOGUE)})") from None
 
 
-def make_driver(name: str, hosts: Iterable[Host]) -> Driver:
+def make_driver(name: str, hosts: Iterable[Host], *, key_file: Path | None = None,
+                known_hosts: Path | None = None) -> Driver:
     """The driver of technique `name` over the PMs `hosts`, the one place that maps a technique to
     its driver (the LCs and the runner both make theirs here, so both sides agree on a technique).
-    Only the embedded lab's drivers are made from the PMs alone: ValueError for the others, which
-    need their real lab's keys and images."""
+    The embedded lab's drivers are made from the PMs alone; a real lab's runnable ones (REAL_RUNNABLE)
+    from the PMs and the SSH key (and known_hosts: None, the user's) they are reached with as root.
+    ValueError for any other (xen, openvz: their runner is not wired yet)."""
     entry = CATALOGUE.get(name)
-    if entry is None or not entry.embedded:
-        raise ValueError(f"technique {name!r} has no driver here (available: {', '.join(EMBEDDED)})")
-    return entry.driver_class()(list(hosts))
+    if entry is not None and entry.embedded:
+        return entry.driver_class()(list(hosts))
+    if entry is None or entry.name not in REAL_RUNNABLE:
+        raise ValueError(f"technique {name!r} has no driver here (available: {', '.join(EMBEDDED + REAL_RUNNABLE)})")
+    if key_file is None:
+        raise ValueError(f"technique {name!r}: its driver reaches the PMs over SSH and needs a key file")
+    return entry.driver_class()(list(hosts), key_file, known_hosts=known_hosts)

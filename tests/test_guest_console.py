@@ -139,6 +139,53 @@ def test_a_tcp_console_follows_a_domain_to_its_destination_and_sees_the_end_ther
         console.close()
 
 
+def test_a_tcp_console_follows_a_migration_it_was_not_told_of() -> None:
+    """The runner's console, when a Local Controller moves the domain: it keeps trying the same
+    port on every PM, so it is connected to the destination's QEMU (listening from its start)
+    before the source's goes; the job's end comes there, and later commands go there."""
+    source = tcp_listener("127.0.0.1")
+    port = source.getsockname()[1]
+    destination = socket.socket()
+    destination.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    destination.bind(("127.0.0.2", port))  # not listening yet: no incoming QEMU there
+    reached, left = threading.Event(), threading.Event()
+    heard: list[str] = []
+
+    def source_guest(conn: socket.socket, heard: list[str]) -> None:
+        conn.sendall(b"@ready\n")
+        for line in lines(conn):
+            heard.append(line)
+            conn.sendall(f"@{line.split()[1]} start\n".encode())
+            reached.wait(20)
+            left.set()
+            return  # the source QEMU ends with the migration
+
+    def destination_guest(conn: socket.socket, heard: list[str]) -> None:
+        reached.set()
+        assert left.wait(20)
+        job = heard[0].split()[1]
+        conn.sendall(f"@{job} out after the move\n@{job} end 0\n".encode())
+        answering_guest(conn, heard)
+
+    serve(source, source_guest, heard)
+    everywhere = [("127.0.0.1", port), ("127.0.0.2", port)]
+    console = TcpConsole("vm1", ("127.0.0.1", port), everywhere)
+    try:
+        console.attach(("127.0.0.1", port))
+        console.wait_ready(timeout_s=10, listen_s=5)
+        run = console.start(["sleep", "20"])
+        destination.listen(1)  # the LC's migration starts: the incoming QEMU listens
+        serve(destination, destination_guest, heard)
+        done = console.wait_run(run.id, timeout_s=15)
+        assert done.exit_status == 0 and [text for _, text in done.output] == ["after the move"]
+        assert console.wait(lambda: list(console._sockets) == [("127.0.0.2", port)], timeout_s=5)
+        after = console.start(["echo", "there"])
+        assert console.wait_run(after.id, timeout_s=10).exit_status == 0
+        assert heard[-1] == f"run {after.id} echo there"  # heard by the destination's guest
+    finally:
+        console.close()
+
+
 def test_a_tcp_console_that_is_not_there_is_an_error() -> None:
     listener = tcp_listener("127.0.0.1")
     port = listener.getsockname()[1]

@@ -504,6 +504,143 @@ def test_libvirt_live_migrates_a_tcg_domain_between_test_hosts(debian_hosts: Non
     )
 
 
+
+# --- `testbed run` on the test hosts: Exp. 1 with libvirt, the CC ordering the migration ----------
+EXP1 = REPO / "experiments" / "exp1.yml"
+#: Exp. 1 at the test hosts' size: 4 one-vCPU TCG domains on 2 PMs, unbalanced (3/1) without and
+#: with migration, one repetition. The 4 guests share this 2-core machine (~0.5 core each), so
+#: Synthetic1 at scale 0.8 (14,400 blocks) runs for about a minute: time for the CC (5 s rounds)
+#: to order a move from tr-pm1 (3 VMs) to tr-pm2 (1 VM) and for it to end (~3 s) while they run.
+KVM_EXP1 = {
+    "name": "exp1-kvm",
+    "techniques": ["kvm"],
+    "instances": 1,
+    "vms": 4,
+    "pms": 2,
+    "memory_mb": 128,
+    "vcpus": 1,
+    "matrix": {"layout": ["unbalanced"], "migration": [False, True]},
+    "balancer": {"policy": "assign-u", "interval_s": 5, "cooldown_s": 30},
+    "repetitions": 1,
+    "scale": 0.8,
+}
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_testbed_run_drives_exp1_on_libvirt_test_hosts_with_a_cc_ordered_live_migration(
+    debian_hosts: None, tmp_path: Path
+) -> None:
+    """`testbed run --technique kvm` on two libvirt test hosts and a controller, provisioned by the
+    playbooks (storage, libvirt with the guest image, chrony, the VM manager as systemd units):
+    the runner boots the domains by layout through the libvirt driver, starts Synthetic1 in them
+    over their consoles, the PMs' LCs sample them with `virsh domstats` (each PM's CPU is its
+    VMs' sum: the test hosts share this machine's /proc/stat) and the CC orders `virsh migrate
+    --live`, which tr-pm1's LC runs; the token is the one tr-ctl holds, read over SSH. Then the
+    CSVs, `testbed plot` and `testbed report` as on the embedded lab."""
+    import json
+
+    from testbed.lab import load_lab
+    from testbed.manager.tokens import lab_token
+    from testbed.results import read_table
+
+    pms = ("tr-pm1", "tr-pm2")
+    known = known_hosts(tmp_path / "known_hosts", tuple(TEST_HOSTS))
+    settings = KVM_SETTINGS | {
+        "testbed_pm_cpu": "vms",
+        "testbed_capacity": os.cpu_count(),  # what the PMs' /proc/stat counts (the LCs' capacity)
+        "testbed_known_hosts": str(known),
+    }
+    inventory = write_inventory(tmp_path / "kvm-run", "kvm", pms, settings)
+    started = time.monotonic()
+    play(inventory, "common.yml", "ntp.yml", "vm_storage.yml", "technique.yml", "balancer.yml")
+    provisioned = time.monotonic()
+    lab = load_lab(inventory)
+    assert lab.technique == "kvm" and lab.ssh_key == KEY and lab.known_hosts == known
+    # the runner's token is the one the controller holds, the test's own (never the embedded lab's)
+    assert lab_token(lab) == token_file(inventory).read_text().strip()
+
+    spec = yaml_spec(tmp_path / "exp1-kvm.yml")
+    results = tmp_path / "results"
+    try:
+        ran = run(
+            [
+                str(BIN / "testbed"),
+                "run",
+                str(spec),
+                "-i",
+                str(inventory),
+                "--technique",
+                "kvm",
+                "--results",
+                str(results),
+                "--timeout",
+                "420",
+            ],
+            timeout=1500,
+        )
+        measured = time.monotonic()
+        for row in read_table(results, "runs") if (results / "runs.csv").exists() else []:
+            if row["status"] != "ok":  # the campaign replaced it with another repetition; say why
+                details = json.loads((results / "runs" / f"{row['run_id']}.json").read_text())
+                print(row["run_id"], row["status"], details.get("error"), details.get("gate"))
+        assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-4000:]
+
+        runs = [r for r in read_table(results, "runs") if r["status"] == "ok"]
+        assert {r["technique"] for r in runs} == {"kvm"}
+        assert sorted((r["layout"], r["migration"]) for r in runs) == [("unbalanced", "false"), ("unbalanced", "true")]
+        ok = {r["run_id"] for r in runs}
+        times = [t for t in read_table(results, "vm_times") if t["run_id"] in ok]
+        assert len(times) == 2 * 4 and all(float(t["exec_time_s"]) > 0 for t in times), times
+        moves = [m for m in read_table(results, "migrations") if m["run_id"] in ok]
+        for m in moves:
+            print(m["run_id"], m["vm"], m["source"], m["destination"], m["mode"], m["status"], m["total_time_s"],
+                  m["downtime_s"], m["bytes"])
+        mig = next(r["run_id"] for r in runs if r["migration"] == "true")
+        assert {m["run_id"] for m in moves} <= {mig}, moves  # the CC orders nothing in a dry run
+        completed = [m for m in moves if m["status"] == "completed"]
+        assert completed and {m["mode"] for m in completed} == {"precopy"}, moves
+        assert all(m["source"] in pms and m["destination"] in pms and int(m["bytes"]) > 0 for m in completed)
+        # the domain really moved: a VM the CC moved last ended its work on the destination
+        last = {m["vm"]: m["destination"] for m in sorted(completed, key=lambda m: float(m["started_at"]))}
+        assert any(t["run_id"] == mig and last.get(t["vm"]) == t["end_host"] != t["start_host"] for t in times), times
+        details = json.loads((results / "runs" / f"{mig}.json").read_text())
+        assert any(r["action"] == "migrate" and r["order"] for r in details["manager_rounds"]), details
+        assert details["manager_config"]["dry_run"] is False
+        samples = read_table(results, "cpu_samples")
+        for r in runs:
+            assert {s["host"] for s in samples if s["run_id"] == r["run_id"]} == set(pms)
+            assert {s["vm"] for s in samples if s["run_id"] == r["run_id"]} >= {"vm1", "vm2", "vm3", "vm4"}
+
+        plotted = run([str(BIN / "testbed"), "plot", str(results)])
+        assert plotted.returncode == 0, plotted.stderr
+        assert len(list((results / "figures").glob("cpu_timeline.*.png"))) == 2
+        assert (results / "figures" / "exec_time.kvm.synthetic1.png").exists(), plotted.stdout
+        reported = run([str(BIN / "testbed"), "report", str(results)])
+        assert reported.returncode == 0, reported.stderr
+        assert (results / "report.html").stat().st_size > 0
+        left = run([*on_host("tr-pm1"), "virsh list --name"]).stdout.split() + run(
+            [*on_host("tr-pm2"), "virsh list --name"]
+        ).stdout.split()
+        assert left == [], left  # every run destroyed its domains
+    finally:
+        with contextlib.suppress(Exception):  # stop the VM manager; a failure above stays the error
+            play(inventory, "teardown.yml", limit="tr-ctl:tr-pm1:tr-pm2")
+    print(
+        f"provision {provisioned - started:.0f} s, testbed run {measured - provisioned:.0f} s,"
+        f" {len(completed)} CC-ordered migration(s)"
+    )
+
+
+def yaml_spec(path: Path) -> Path:
+    """Exp. 1's spec (experiments/exp1.yml) at the test hosts' size (KVM_EXP1)."""
+    import yaml
+
+    spec = yaml.safe_load(EXP1.read_text())
+    spec.pop("exclude", None)  # the balanced layout is not run: nothing to exclude
+    path.write_text(yaml.safe_dump(spec | KVM_EXP1))
+    return path
+
 ANSIBLE_2010 = Path("/var/cache/testbed/ansible-2.12")
 
 

@@ -117,6 +117,27 @@ def test_a_vm_without_a_cap_of_its_own_is_limited_by_its_pm(tmp_path: Path) -> N
     assert vm.limit == 100.0 and vm.use == vm.demand and 0 < vm.use <= 25.0  # 0.1 s of 2 CPUs in >= 0.2 s
 
 
+def test_a_pm_sharing_its_kernel_is_as_busy_as_its_vms(tmp_path: Path) -> None:
+    """testbed_pm_cpu: vms (the test hosts share this machine's /proc/stat): the machine was 62 %
+    busy between the reads, but the PM's use is only its VMs' (the CC would see every PM equally
+    loaded otherwise); an unknown source is refused."""
+    proc_stat = tmp_path / "stat"
+    proc_stat.write_text(PROC_STAT_BEFORE)
+    vms = {"vm1": VmCounters(usage_ns=0), "vm2": VmCounters(usage_ns=0)}
+    sampler = ProcStatSampler("pm1", lambda: dict(vms), proc_stat, pm_cpu="vms")
+    before = sampler.read()
+    time.sleep(0.2)
+    vms |= {"vm1": VmCounters(usage_ns=NS_PER_S // 20), "vm2": VmCounters(usage_ns=NS_PER_S // 40)}
+    proc_stat.write_text(PROC_STAT_AFTER)
+    after = sampler.read()
+    assert after.pm_is_its_vms
+    sample = summarize("pm1", sampler.capacity, [before, after], window=10.0)
+    # 75 ms of CPU time in >= 0.2 s on 2 CPUs: at most 18.75 %, far from the machine's 62 %
+    assert sample.use == pytest.approx(sum(vm.use for vm in sample.vms)) and 0 < sample.use <= 18.75
+    with pytest.raises(ValueError, match=r"no PM CPU source 'cgroup' \(known: machine, vms\)"):
+        ProcStatSampler("pm1", dict, proc_stat, pm_cpu="cgroup")
+
+
 def test_xen_domains_from_a_recorded_xl_list() -> None:
     vms = xen_vms((REAL_OUTPUTS / "xl_list.txt").read_text())
     assert vms == {

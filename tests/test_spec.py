@@ -45,7 +45,7 @@ def test_named_layouts_follow_the_thesis():
     [
         ({"name": "Exp 1"}, "name: String should match pattern"),
         ({"techniques": []}, "techniques: List should have at least 1 item"),
-        ({"techniques": ["kvm"]}, "techniques.0: Input should be"),
+        ({"techniques": ["vmware"]}, "techniques.0: Input should be"),
         ({"techniques": ["qemu", "qemu"]}, "techniques.1: qemu is listed twice"),
         ({"app": "games"}, "app: Input should be"),
         ({"vcpus": 0}, "vcpus: Input should be greater than or equal to 1"),

@@ -25,6 +25,7 @@ from testbed.techniques import (
     CATALOGUE,
     EMBEDDED,
     REAL_LAB,
+    REAL_RUNNABLE,
     RUNNABLE,
     SIMULATOR,
     SPEC_NAMES,
@@ -77,13 +78,15 @@ def test_every_entry_is_consistent_and_names_its_driver() -> None:
         assert entry.driver_class().technique == name  # the driver reports the catalogue's name
         assert entry.default_mode in entry.modes and set(entry.modes) <= modes == {m.value for m in MigrationMode}
         assert "none" in entry.compressions and set(entry.compressions) <= compressions
-    assert set(RUNNABLE) <= set(EMBEDDED) and SIMULATOR not in RUNNABLE
+    assert set(RUNNABLE) == set(EMBEDDED) | set(REAL_RUNNABLE) and SIMULATOR not in RUNNABLE
     assert typing.get_args(Technique) == SPEC_NAMES
 
 
-def test_only_the_embedded_techniques_are_runnable_and_the_others_say_why() -> None:
-    assert RUNNABLE == EMBEDDED == BENCHED == ("qemu", "container")
-    for name in ("xen", "openvz", "kvm"):
+def test_the_embedded_techniques_and_libvirt_are_runnable_and_the_others_say_why() -> None:
+    assert EMBEDDED == BENCHED == ("qemu", "container")
+    assert REAL_RUNNABLE == ("kvm",) and RUNNABLE == (*EMBEDDED, *REAL_RUNNABLE)
+    assert set(REAL_RUNNABLE) <= set(REAL_LAB) <= set(SPEC_NAMES)  # a real lab's own; in specs
+    for name in ("xen", "openvz"):
         assert "issue #15" in technique(name).unrunnable
     assert "testbed sim run" in technique(SIMULATOR).unrunnable
 
@@ -99,7 +102,7 @@ def test_importing_the_catalogue_or_a_spec_imports_no_driver() -> None:
 def test_an_unknown_technique_is_an_input_error_naming_the_known_ones() -> None:
     with pytest.raises(InputError, match=r"unknown technique 'vmware' \(known: qemu, container, xen, openvz, kvm, sim\)"):
         technique("vmware")
-    with pytest.raises(InputError, match="techniques.0: Input should be 'qemu', 'container', 'xen', 'openvz' or 'sim'"):
+    with pytest.raises(InputError, match="techniques.0: Input should be 'qemu', 'container', 'xen', 'openvz', 'kvm' or 'sim'"):
         parse_spec(BASE | {"techniques": ["vmware"]})
     with pytest.raises(ValueError, match="'vmware' has no driver here"):
         make_driver("vmware", [])
@@ -112,7 +115,7 @@ def test_the_runners_refuse_what_the_catalogue_cannot_run_before_any_host(runner
         if runner is migration_study else {}
     spec = parse_spec(BASE | {"techniques": ["qemu", name]} | change)
     with pytest.raises(InputError, match=rf"techniques: '{name}' is not run by .* yet: its driver needs the real "
-                                         r"lab's SSH key.*\(available: qemu, container; use --technique\)"):
+                                         r"lab's guest images.*\(available: qemu, container, kvm; use --technique\)"):
         runner.supported(spec, [name])
 
 

@@ -14,11 +14,14 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from testbed.errors import InputError
+from testbed.lab import PM_CPU_SOURCES
+from testbed.lab_drivers import PM_ROOT_KEY
 from testbed.manager import CC_PORT, DEFAULT_EVENT_LOG, DEFAULT_TOKEN_FILE, LC_PORT
-from testbed.techniques import EMBEDDED, REAL_LAB
+from testbed.techniques import EMBEDDED, REAL_LAB, REAL_RUNNABLE
 
 if TYPE_CHECKING:
     from testbed.drivers.base import Host
+    from testbed.lab import Lab
     from testbed.manager.sampler import Sampler
 
 
@@ -29,7 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     def verb(name: str, help_text: str, func) -> argparse.ArgumentParser:
         parser = verbs.add_parser(name, help=help_text)
         parser.add_argument("-i", "--inventory", default=None, help="lab inventory (default: inventory/local)")
-        parser.add_argument("--token-file", type=Path, default=DEFAULT_TOKEN_FILE)
+        parser.add_argument("--token-file", type=Path, default=None,
+                            help=f"the lab's API token (daemons and `token`: default {DEFAULT_TOKEN_FILE}; the "
+                                 "other verbs: the embedded lab's file, or a real lab's controller's, read over SSH)")
         parser.set_defaults(func=func)
         return parser
 
@@ -38,14 +43,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lc = verb("lc", "run the Local Controller of one PM (in that PM's namespace)", _lc)
     lc.add_argument("--host", required=True, help="the PM's inventory name, e.g. tb-pm1")
     lc.add_argument("--technique", action="append", default=None, metavar="T",
-                    help="a technique whose VMs this LC migrates (repeatable; default: every technique "
-                         f"with a driver, {' and '.join(EMBEDDED)}: each order goes to the driver that lists the VM)")
+                    help="a technique whose VMs this LC migrates (repeatable; default: on the embedded lab every "
+                         f"technique with a driver, {' and '.join(EMBEDDED)}: each order goes to the driver that "
+                         f"lists the VM; on a real lab its testbed_technique if `testbed run` drives it there "
+                         f"({', '.join(REAL_RUNNABLE)}))")
+    lc.add_argument("--ssh-key", type=Path, default=None, metavar="FILE",
+                    help="on a real PM, the key its driver reaches the PMs with as root (default: "
+                         f"{PM_ROOT_KEY}, the PM's root key that the libvirt role authorizes on every PM)")
+    lc.add_argument("--known-hosts", type=Path, default=None, metavar="FILE",
+                    help="on a real PM, the PMs' host keys (default: root's ~/.ssh/known_hosts, which the libvirt "
+                         "role fills)")
     lc.add_argument("--listen", default=None, help="address to bind (default: the PM's lab address)")
     lc.add_argument("--port", type=int, default=LC_PORT)
     lc.add_argument("--period", type=float, default=1.0, help="sampling period, seconds")
     lc.add_argument("--vm-cpu", default="none", metavar="TECHNIQUE",
                     help=f"on a real PM, the technique whose tools report each VM's CPU: {', '.join(REAL_LAB)} "
                          "or none (the inventory's testbed_technique; the embedded lab's LC reads its cgroups)")
+
+    lc.add_argument("--pm-cpu", default=None, choices=PM_CPU_SOURCES,
+                    help="on a real PM, where its own CPU use comes from: the machine's /proc/stat, or the sum "
+                         "of its VMs' for PMs that share one kernel (default: the inventory's testbed_pm_cpu, "
+                         "else machine)")
 
     cc = verb("cc", "run the Central Controller (on the controller host)", _cc)
     cc.add_argument("--policy", default="assign-u")
@@ -82,8 +100,9 @@ def _lab(args: argparse.Namespace):
 def _token(args: argparse.Namespace) -> int:
     from testbed.manager.api import ensure_token
 
-    created = ensure_token(args.token_file)
-    print(f"{'created' if created else 'unchanged'} {args.token_file}")
+    path = args.token_file or DEFAULT_TOKEN_FILE
+    created = ensure_token(path)
+    print(f"{'created' if created else 'unchanged'} {path}")
     return 0
 
 
@@ -94,38 +113,53 @@ def _serve(app, address: str, port: int) -> None:
 
 
 def _lc(args: argparse.Namespace) -> int:
+    from testbed.lab_drivers import lab_drivers
     from testbed.manager.api import load_token
     from testbed.manager.local import DriverDispatch, LocalController, create_app, lab_driver_hosts
-    from testbed.techniques import make_driver
 
-    techniques = list(dict.fromkeys(args.technique or EMBEDDED))
-    for technique in techniques:
-        if technique not in EMBEDDED:
-            raise InputError(f"--technique: {technique!r} has no driver (available: {', '.join(EMBEDDED)})")
     lab = _lab(args)  # reading the inventory starts no thread: ensure_cgroupfs may still unshare
+    techniques = lc_techniques(lab, args.technique)
     try:
         host = lab.host(args.host)
     except KeyError:
         raise InputError(f"--host: {args.host} is not a host of {lab.inventory}") from None
     hosts = lab_driver_hosts(lab)
-    sampler = _sampler(lab.embedded, hosts[host.name], args.vm_cpu)
-    token = load_token(args.token_file)
-    drivers = {technique: make_driver(technique, hosts.values()) for technique in techniques}
+    sampler = _sampler(lab.embedded, hosts[host.name], args.vm_cpu, args.pm_cpu or lab.pm_cpu)
+    token = load_token(args.token_file or DEFAULT_TOKEN_FILE)
+    key = None if lab.embedded else args.ssh_key or PM_ROOT_KEY
+    drivers = lab_drivers(lab, techniques, key_file=key, known_hosts=args.known_hosts)
     lc = LocalController(sampler, DriverDispatch(drivers, host.name), args.period)
     _serve(create_app(lc, token), args.listen or host.address, args.port)
     return 0
 
 
-def _sampler(embedded: bool, host: Host, vm_cpu: str) -> Sampler:
+def lc_techniques(lab: Lab, asked: list[str] | None) -> list[str]:
+    """The techniques an LC holds a driver of: those asked (--technique), else the lab's
+    (testbed.lab_drivers.lab_techniques) or, on a real lab whose technique `testbed run` does not
+    drive yet, the embedded drivers as before (they migrate nothing there)."""
+    from testbed.lab_drivers import lab_techniques
+
+    available = lab_techniques(lab) if lab.embedded else (*lab_techniques(lab), *EMBEDDED)
+    if not asked:
+        return list(lab_techniques(lab) or EMBEDDED)
+    techniques = list(dict.fromkeys(asked))
+    for technique in techniques:
+        if technique not in available:
+            raise InputError(f"--technique: {technique!r} has no driver (available: {', '.join(available)})")
+    return techniques
+
+
+def _sampler(embedded: bool, host: Host, vm_cpu: str, pm_cpu: str = "machine") -> Sampler:
     """The embedded lab's PM is its cgroup (made visible first: that needs a process without
-    threads); a real PM is the whole machine, its VMs those its technique's tools list."""
+    threads); a real PM is the whole machine (or, pm_cpu "vms", its VMs' sum), its VMs those its
+    technique's tools list."""
     from testbed.manager.sampler import CgroupSampler, ProcStatSampler, ensure_cgroupfs, vm_reader
 
     if embedded:
         ensure_cgroupfs()
         return CgroupSampler(host)
     try:
-        return ProcStatSampler(host.name, vm_reader(vm_cpu, host))
+        return ProcStatSampler(host.name, vm_reader(vm_cpu, host), pm_cpu=pm_cpu)
     except ValueError as err:
         raise InputError(f"--vm-cpu: {err}") from None
 
@@ -148,7 +182,7 @@ def _cc(args: argparse.Namespace) -> int:
     from testbed.manager.central import CentralController, create_app
 
     lab = _lab(args)
-    token = load_token(args.token_file)
+    token = load_token(args.token_file or DEFAULT_TOKEN_FILE)
     try:
         config = CcConfig(policy=args.policy, params=_parse_params(args.param), interval=args.interval,
                           signal=args.signal, cooldown=args.cooldown, dry_run=args.dry_run, mode=args.mode,
@@ -164,11 +198,12 @@ def _cc(args: argparse.Namespace) -> int:
 
 
 def _cc_client(args: argparse.Namespace):
-    """(lab, token, client of the lab's CC)."""
-    from testbed.manager.api import ManagerClient, load_token, url_for
+    """(lab, token, client of the lab's CC), with the lab's own token (testbed.manager.tokens)."""
+    from testbed.manager.api import ManagerClient, url_for
+    from testbed.manager.tokens import lab_token
 
     lab = _lab(args)
-    token = load_token(args.token_file)
+    token = lab_token(lab, args.token_file)
     return lab, token, ManagerClient(url_for(lab.controller.address, CC_PORT), token)
 
 

@@ -54,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "kind migration: seconds the migration may take (default: from memory and link rate)")
     parser.add_argument("-i", "--inventory", type=Path, default=DEFAULT_INVENTORY,
                         help="lab inventory (default: inventory/local, the embedded lab)")
+    parser.add_argument("--token-file", metavar="FILE", type=Path, default=None,
+                        help="the VM manager's token (default: the embedded lab's own file; a real lab's "
+                        "is read from its controller over SSH, never another lab's)")
     parser.add_argument("--calibration", metavar="FILE", default=None,
                         help="with --technique sim: the simulator's parameters (from `testbed calibrate`)")
     parser.set_defaults(func=run)
@@ -106,6 +109,7 @@ def _checked(args: argparse.Namespace):
             raise InputError(f"--technique: {technique!r} is not one of {args.spec}'s techniques "
                              f"({', '.join(spec.techniques)})")
     (migration_study if spec.kind == "migration" else executor).supported(spec, techniques)
+    executor.on_lab(spec, lab, techniques)
     checked_variants(spec, techniques, args.variant, args.spec)
     results = args.results or Path("results") / spec.name
     manifest = read_manifest(results)
@@ -149,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     from testbed.runner.migration_study import MigrationStudyExecutor
 
     _interruptible()
-    cc = cc_client(lab)
+    cc = cc_client(lab, args.token_file)
     try:
         cc.get("/v1/status")
     except httpx.HTTPError as err:

@@ -25,6 +25,7 @@ driver in another process finds the same port; the domain keeps it across migrat
 from __future__ import annotations
 
 import socket
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Collection, Hashable, Mapping, Sequence
@@ -236,10 +237,17 @@ class TcpConsole(GuestConsole):
 
     During a migration it follows both PMs' (`also`): the destination's QEMU listens from
     its start, before the guest runs there, so the console is connected when the guest
-    resumes; QEMU drops what the guest writes while no client is connected."""
+    resumes; QEMU drops what the guest writes while no client is connected.
 
-    def __init__(self, vm: str, home: tuple[str, int]) -> None:
+    `everywhere`: the console's endpoint on every PM the domain may move to (the same port on
+    each: it is lab-wide). It keeps trying those it is not connected to, so it follows a
+    migration another process ordered (a Local Controller, for the CC) as it follows its own
+    driver's: the destination's QEMU listens from its start, and the source's closes at the end.
+    Commands go to the endpoint it has been connected to longest (the source, until it closes)."""
+
+    def __init__(self, vm: str, home: tuple[str, int], everywhere: Sequence[tuple[str, int]] = ()) -> None:
         self._endpoints: tuple[tuple[str, int], ...] = (home,)  # replaced whole, never mutated
+        self._everywhere = tuple(everywhere)
         self._next_try: dict[Hashable, float] = {}
         super().__init__(vm)
 
@@ -251,15 +259,23 @@ class TcpConsole(GuestConsole):
         """The domain lives at `home` now; let go of every other console."""
         self._endpoints = (home,)
 
+    def _wanted(self) -> tuple[tuple[str, int], ...]:
+        return tuple(dict.fromkeys((*self._endpoints, *self._everywhere)))
+
     def _home(self) -> tuple[str, int]:
+        if self._everywhere:
+            with self._cond:  # the console thread adds and removes sockets
+                connected = [key for key in self._sockets if key in self._wanted()]  # oldest first
+            if connected:
+                return connected[0]  # type: ignore[return-value]
         return self._endpoints[0]  # the source until the migration is over
 
     def _follow(self) -> None:
-        endpoints, now = self._endpoints, time.monotonic()
+        wanted, now = self._wanted(), time.monotonic()
         for key in list(self._sockets):
-            if key not in endpoints:
+            if key not in wanted:
                 self._close(self._sockets[key])
-        for key in endpoints:
+        for key in wanted:
             if key not in self._sockets and now >= self._next_try.get(key, 0.0):
                 self._next_try[key] = now + CONNECT_RETRY_S
                 self._connect(key)
@@ -299,6 +315,10 @@ class LibvirtDriver(ConsoleWorkloads, RemoteDriverBase):
         self._ports: dict[str, int] = {}
         self._consoles: dict[str, TcpConsole] = {}
         self._disks: dict[str, tuple[str, str]] = {}  # VM -> (PM, path) of a disk this driver made
+        # One domain created at a time per driver: a console port is chosen from the running
+        # domains' XML, so two creations at once (the runner boots on every PM in parallel) would
+        # take the same one.
+        self._creating = threading.Lock()
 
     def virsh(self, host: str, *args: str, timeout_s: float = 60.0) -> str:
         return self.remote(host).run(["virsh", *args], timeout_s=timeout_s)
@@ -368,19 +388,21 @@ class LibvirtDriver(ConsoleWorkloads, RemoteDriverBase):
     def create_vm(self, spec: VMSpec, host: str) -> VMInfo:
         remote = self.remote(host)
         domain_type = domain_type_for(remote.run(["cat", f"{self.image_dir}/accel"]))
-        port = free_console_port(self._used_ports(), self.console_base)
-        xml = domain_xml(
-            spec,
-            self._disk(spec, host),
-            self.bridge,
-            f"{self.image_dir}/vmlinux",
-            domain_type=domain_type,
-            initrd=f"{self.image_dir}/initramfs.cpio",
-            cmdline=GUEST_CMDLINE,
-            console_port=port,
-        )
-        remote.run(["virsh", "create", "/dev/stdin"], stdin=xml.encode())
-        self._ports[spec.name] = port
+        disk = self._disk(spec, host)
+        with self._creating:
+            port = free_console_port(self._used_ports(), self.console_base)
+            xml = domain_xml(
+                spec,
+                disk,
+                self.bridge,
+                f"{self.image_dir}/vmlinux",
+                domain_type=domain_type,
+                initrd=f"{self.image_dir}/initramfs.cpio",
+                cmdline=GUEST_CMDLINE,
+                console_port=port,
+            )
+            remote.run(["virsh", "create", "/dev/stdin"], stdin=xml.encode())
+            self._ports[spec.name] = port
         console = self._console(spec.name, host)
         console.wait_ready(self.boot_timeout_s, READY_LISTEN_S)
         return self.created(spec, host)
@@ -404,8 +426,10 @@ class LibvirtDriver(ConsoleWorkloads, RemoteDriverBase):
         console = self._consoles.get(vm)
         if console is None:
             host = host or self.vm_host(vm)
-            endpoint = (self._hosts[host].address, self.console_port(vm, host))
-            console = self._consoles[vm] = TcpConsole(vm, endpoint)
+            port = self.console_port(vm, host)
+            endpoint = (self._hosts[host].address, port)
+            everywhere = [(h.address, port) for h in self._hosts.values()]  # wherever it may move
+            console = self._consoles[vm] = TcpConsole(vm, endpoint, everywhere)
             console.attach(endpoint, self.boot_timeout_s)
         return console
 
@@ -413,7 +437,14 @@ class LibvirtDriver(ConsoleWorkloads, RemoteDriverBase):
     def migrate_argv(self, vm: str, destination: str, mode: MigrationMode) -> list[str]:
         return ["virsh", "migrate", *migration_flags(mode), vm, self.peer_uris[destination]]
 
-    def migrate(self, vm: str, destination: str, mode: MigrationMode) -> MigrationRecord:
+    def migrate(
+        self, vm: str, destination: str, mode: MigrationMode, *, compression: str | None = None
+    ) -> MigrationRecord:
+        """`virsh migrate --p2p` on the source PM; `compression` only None or "none" (the
+        catalogue offers libvirt no compression; a Local Controller passes the order's on)."""
+        if compression not in (None, "none"):
+            raise ValueError(f"libvirt migrations are not compressed here, not with {compression}")
+        mode = MigrationMode(mode)
         source = self.vm_host(vm)
         console = self._consoles.get(vm)
         there = (self._hosts[destination].address, self.console_port(vm, source))

@@ -55,13 +55,15 @@ def summarize(host: str, capacity: float, readings: Sequence[Reading], window: f
         vms.append(VmSample(name=name, use=percent(used, seconds), demand=percent(demand, seconds),
                             limit=100.0 * limit_cpus / capacity,
                             throttled=max(now.throttled_ns - before.throttled_ns, 0) / NS_PER_S))
+    vm_use = sum(vm.use for vm in vms)
     busy = max(new.host_usage_ns - old.host_usage_ns, 0)
-    if new.host_total_ns is not None and old.host_total_ns is not None and new.host_total_ns > old.host_total_ns:
+    if new.pm_is_its_vms:  # PMs sharing one kernel: /proc/stat is the machine's, not this PM's
+        use = vm_use
+    elif new.host_total_ns is not None and old.host_total_ns is not None and new.host_total_ns > old.host_total_ns:
         # at most 100 %: the kernel may step a CPU's iowait back (proc(5)), never its busy fields
         use = 100.0 * min(busy / (new.host_total_ns - old.host_total_ns), 1.0)
     else:
         use = percent(busy, elapsed)
-    vm_use = sum(vm.use for vm in vms)
     demand = max(use - vm_use, 0.0) + sum(vm.demand for vm in vms)
     return HostSample(host=host, t=new.wall, window=elapsed, capacity=capacity,
                       use=use, demand=demand, vms=vms)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from testbed.drivers.base import CGROUP_ROOT, Host
-from testbed.lab import CGROUP_CONTROLLERS
+from testbed.lab import CGROUP_CONTROLLERS, PM_CPU_SOURCES
 from testbed.techniques import REAL_LAB, technique
 
 NS_PER_S = 1_000_000_000
@@ -57,13 +57,16 @@ class Reading:
     """Cumulative counters at one instant (monotonic `t`, Unix `wall`).
 
     `host_total_ns`, when the PM counts it, is the CPU time its CPUs had in all (busy or not),
-    so that its use is busy over total exactly; None: the capacity over the wall-clock time."""
+    so that its use is busy over total exactly; None: the capacity over the wall-clock time.
+    `pm_is_its_vms`: the PM's own figure is unknown (PMs sharing one kernel, testbed.lab's
+    PM_CPU_SOURCES "vms"), so its use is the sum of its VMs'."""
 
     t: float
     wall: float
     host_usage_ns: int
     vms: dict[str, VmCounters]
     host_total_ns: int | None = None
+    pm_is_its_vms: bool = False
 
 
 class Sampler(Protocol):
@@ -318,12 +321,16 @@ def vm_reader(source: str, host: Host) -> VmReader:
 
 
 class ProcStatSampler:
-    """A real PM: the machine's CPU from /proc/stat, each VM's from its technique's tools."""
+    """A real PM: the machine's CPU from /proc/stat, each VM's from its technique's tools; with
+    pm_cpu "vms" (PMs sharing one kernel) the PM's use is its VMs' (Reading.pm_is_its_vms)."""
 
-    def __init__(self, host: str, vms: VmReader, proc_stat: Path = PROC_STAT) -> None:
+    def __init__(self, host: str, vms: VmReader, proc_stat: Path = PROC_STAT, pm_cpu: str = "machine") -> None:
+        if pm_cpu not in PM_CPU_SOURCES:
+            raise ValueError(f"no PM CPU source {pm_cpu!r} (known: {', '.join(PM_CPU_SOURCES)})")
         self.host = host
         self._vms = vms
         self._proc_stat = proc_stat
+        self._pm_is_its_vms = pm_cpu == "vms"
         self._ns_per_tick = NS_PER_S / os.sysconf("SC_CLK_TCK")
         self.capacity = float(parse_proc_stat(proc_stat.read_text()).cpus)
 
@@ -335,4 +342,5 @@ class ProcStatSampler:
         stat = parse_proc_stat(self._proc_stat.read_text())
         return Reading(t=time.monotonic(), wall=time.time(), vms=vms,
                        host_usage_ns=round(stat.busy_ticks * self._ns_per_tick),
-                       host_total_ns=round(stat.total_ticks * self._ns_per_tick))
+                       host_total_ns=round(stat.total_ticks * self._ns_per_tick),
+                       pm_is_its_vms=self._pm_is_its_vms)

@@ -18,6 +18,11 @@ For every run, in this order (each check is recorded in the run's details under 
 6. quiet the CC again, wait for a migration in flight to end, read the run's round and migration
    events, and destroy the VMs.
 
+The same run drives a real lab (testbed.lab_drivers: its `testbed_technique`'s driver over SSH,
+its PMs' LCs with the same driver): there the reset's stray VMs are whatever the driver lists, the
+driver makes each VM's disk on the share of the PM it boots on, and the CC's token is the one its
+controller holds (testbed.manager.tokens).
+
 A gate that fails ends the run at once as `invalid` (the campaign adds a repetition in its place);
 a VM that cannot be created, a workload that fails or does not end in time makes it `failed`.
 Only a lab that cannot be driven at all (the CC does not answer) raises, which stops the campaign.
@@ -51,7 +56,7 @@ from testbed.runner.campaign import Run, RunResult
 from testbed.runner.layouts import vm_names
 from testbed.runner.time_scale import ManagerTimes, manager_times
 from testbed.spec import Spec
-from testbed.techniques import RUNNABLE, make_driver, technique
+from testbed.techniques import EMBEDDED, RUNNABLE, technique
 
 #: Apps this executor turns into guest programs (the guest image ships synthetic1 and busybox;
 #: `kernel` runs in the Kernel app's Debian root: a QEMU kernel guest's disk holds it, and a
@@ -79,6 +84,7 @@ PROBE_TIMEOUT_S = 30.0
 #: A one-block Synthetic1: proves the workload channel answers and the guest's timers work.
 PROBE = ("synthetic1", "1", "1")
 WATCH_PERIOD_S = 5.0  # how often a waiting run checks that its VMs still run
+WATCH_MISSES = 2  # checks in a row that must miss a VM before it counts as stopped (see _wait)
 MIGRATION_DRAIN_S = 600.0  # how long a migration in flight may take to end after the workloads
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT_VM = re.compile(r"vm[0-9]+")  # testbed.runner.layouts.vm_names
@@ -112,6 +118,23 @@ def supported(spec: Spec, techniques: Sequence[str]) -> None:
         if variant.link_rate is not None:
             raise InputError(f"{where}: matrix.link_rate: link rate variants are run by the migration study "
                              "(kind: migration) only")
+
+
+def on_lab(spec: Spec, lab: Lab, techniques: Sequence[str]) -> None:
+    """Refuse (InputError, before any host is touched) what this lab cannot run: a technique its
+    PMs do not run (testbed.lab_drivers), and on a real lab what only the embedded lab has (the
+    migration study's link shaping and services, the Kernel app's root disk on the shares)."""
+    from testbed.lab_drivers import refuse_off_lab
+
+    refuse_off_lab(lab, techniques, spec.name)
+    if lab.embedded:
+        return
+    if spec.kind != "balancing":
+        raise InputError(f"{spec.name}: kind: on a real lab `testbed run` runs balancing experiments only yet, "
+                         f"not {spec.kind!r}")
+    if any(variant.app == "kernel" for t in techniques for variant in spec.variants(t)):
+        raise InputError(f"{spec.name}: app: the kernel app's root disk is built on the embedded lab's shares only "
+                         "yet; run synthetic1 or synthetic-random on a real lab")
 
 
 def kernel_single(spec: Spec) -> None:
@@ -151,7 +174,7 @@ def kernel_fits(spec: Spec, techniques: Sequence[str]) -> None:
                              f"jobs per vCPU), which needs memory_mb >= {need} in {can.vm_noun}, or {swap_need} MB of "
                              f"swap on the PMs for {spec.vms} of them (this machine has {swap} MB: set lab_host_swap_mb "
                              "in the inventory, then `testbed lab up`); raise memory_mb, lower vcpus or use "
-                             f"--technique {' or '.join(n for n in RUNNABLE if technique(n).kernel_mb_per_job is None)}")
+                             f"--technique {' or '.join(n for n in EMBEDDED if technique(n).kernel_mb_per_job is None)}")
 
 
 def machine_swap_mb() -> int:
@@ -230,23 +253,31 @@ def _run_chain(driver: Driver, vm: str, steps: Sequence[Step], delay_s: float, d
 def _wait(driver: Driver, vm: str, workload: WorkloadRun, deadline: float) -> WorkloadRun:
     """Wait for a workload to end, checking every few seconds that its VM still runs: a guest
     that crashed (its QEMU exits: -no-reboot) never reports an end, and the run would otherwise
-    wait for the whole timeout."""
+    wait for the whole timeout. A VM must be missing twice in a row: at a live migration's
+    switchover a libvirt domain is paused on its source and not yet resumed on its destination,
+    so for a moment no PM lists it running."""
+    missing = 0
     while True:
         done = driver.wait_workload(vm, workload.id, max(0.0, min(WATCH_PERIOD_S, deadline - time.time())))
         if done.finished:
             return done
         if time.time() >= deadline:
             raise TimeoutError(f"{' '.join(workload.argv)} still running at the deadline")
-        if not any(info.name == vm and info.running for info in driver.list_vms()):
+        running = any(info.name == vm and info.running for info in driver.list_vms())
+        missing = 0 if running else missing + 1
+        if missing >= WATCH_MISSES:
             raise RuntimeError(f"the VM stopped running during {' '.join(workload.argv)} (guest crash?)")
 
 
 class _CpuSampler:
-    """Samples every PM's and VM's CPU through the driver every `period` until stopped."""
+    """Samples every PM's and VM's CPU through the driver every `period` until stopped.
+    `pm_is_its_vms`: a PM's figure is the sum of its VMs' (PMs sharing one kernel, whose
+    /proc/stat is the machine's: testbed.lab.PM_CPU_SOURCES)."""
 
-    def __init__(self, driver: Driver, period: float) -> None:
+    def __init__(self, driver: Driver, period: float, pm_is_its_vms: bool = False) -> None:
         self.driver = driver
         self.period = period
+        self.pm_is_its_vms = pm_is_its_vms
         self.origin = time.time()
         self.samples: list[CpuSample] = []
         self.errors: list[str] = []
@@ -273,7 +304,10 @@ class _CpuSampler:
                 time.sleep(self.period)
                 continue
             t = round(began - self.origin, 3)  # the interval's start: plots draw it as a step
-            self.samples += [CpuSample(t, host, "", pct) for host, pct in use.hosts.items()]
+            hosts = use.hosts
+            if self.pm_is_its_vms:
+                hosts = {host: sum(pct for vm, pct in use.vms.items() if where.get(vm) == host) for host in hosts}
+            self.samples += [CpuSample(t, host, "", pct) for host, pct in hosts.items()]
             self.samples += [CpuSample(t, where[vm], vm, pct) for vm, pct in use.vms.items() if vm in where]
 
 
@@ -324,7 +358,7 @@ class LabExecutor:
 
     def _measure(self, driver: Driver, run: Run, details: dict[str, Any]) -> RunResult:
         timeout = self.timeout_s or TIMEOUT_MARGIN_S + TIMEOUT_AT_SCALE_1_S * run.spec.max_vm_scale()
-        sampler = _CpuSampler(driver, self.sample_period_s)
+        sampler = _CpuSampler(driver, self.sample_period_s, pm_is_its_vms=self._pm_is_its_vms)
         per_vm = {vm: _VmRuns() for vm in run.placement}
         lock = threading.Lock()
         config = self._configure_cc(run, quiet=False)
@@ -385,6 +419,11 @@ class LabExecutor:
             with contextlib.suppress(Exception):
                 self._destroy_all(driver)
 
+    @property
+    def _pm_is_its_vms(self) -> bool:
+        """A real lab whose PMs share one kernel (testbed_pm_cpu: vms): no PM's own CPU is known."""
+        return getattr(self.lab, "pm_cpu", "machine") == "vms"
+
     # --- the gate ---------------------------------------------------------------------------
 
     def _pm(self, index: int) -> str:
@@ -403,9 +442,10 @@ class LabExecutor:
             raise GateFailed(f"VMs left by an earlier run could not be destroyed: {destroyed['errors']}")
         deadline = time.monotonic() + self.reset_wait_s
         while True:
-            stray = {pm.name: _vm_cgroups(pm.cgroup("cpu")) for pm in self.lab.pms}
-            stray = {pm: vms for pm, vms in stray.items() if vms}
-            load = driver.cpu_use(1.0).hosts
+            stray = self._stray_vms()
+            # PMs sharing one kernel have no load of their own to measure (the machine's is not
+            # theirs): with no VM left on them they are idle by that account
+            load = {pm.name: 0.0 for pm in self.lab.pms} if self._pm_is_its_vms else driver.cpu_use(1.0).hosts
             busy = {pm: round(pct, 1) for pm, pct in load.items() if pct > self.idle_bound_pct}
             if not stray and not busy:
                 idle = {pm: round(p, 2) for pm, p in load.items()}
@@ -417,6 +457,19 @@ class LabExecutor:
                 raise GateFailed(f"PMs busy with no VM on them (% of capacity, bound {self.idle_bound_pct:g}): "
                                  f"{busy}")
             time.sleep(5)
+
+    def _stray_vms(self) -> dict[str, list[str]]:
+        """{PM: VMs of any kind on it} (PMs without any left out): on the embedded lab the PM's
+        nested cgroups that hold tasks (a VM of any technique, or a container); on a real lab every
+        VM its technique's driver lists there (whoever started it: not ours to destroy)."""
+        if self.lab.embedded:
+            found = {pm.name: _vm_cgroups(pm.cgroup("cpu")) for pm in self.lab.pms}
+        else:
+            found = {pm.name: [] for pm in self.lab.pms}
+            for driver in self.drivers.values():
+                for info in driver.list_vms():
+                    found.setdefault(info.host, []).append(info.name)
+        return {pm: sorted(vms) for pm, vms in found.items() if vms}
 
     def _destroy_all(self, *drivers: Driver) -> dict[str, Any]:
         """Destroy the drivers' experiment VMs (vm1, vm2, ...: whatever count a previous
@@ -452,8 +505,16 @@ class LabExecutor:
 
     def _prepare_disks(self, run: Run) -> dict[str, Any]:
         """A fresh disk per VM on its owner PM's share, created over nfs:// (the reachability
-        check: the owner's NFS server answered and wrote it)."""
+        check: the owner's NFS server answered and wrote it).
+
+        On a real lab the driver makes each VM's disk itself, on the share of the PM it boots on
+        and over SSH there (libvirt: owned by QEMU's user before the NFS server first sees it, which
+        a disk written over NFS from here would not be); the VM's boot, which opens it over nfs://,
+        is then the reachability check."""
         from testbed.storage import DEFAULT_LAYOUT, create_disk_argv, disk_url, spread
+
+        if not self.lab.embedded:
+            return {"disks": {}, "made_by": "the driver, on the share of the PM each VM boots on"}
 
         owners = spread(list(run.placement), [pm.name for pm in self.lab.pms])
         disks = {vm: disk_url(self.lab, vm, owner) for vm, owner in owners.items()}
@@ -598,19 +659,22 @@ def _round_summary(event: Mapping[str, Any], origin: float) -> dict[str, Any]:
 # --- construction and provenance ---------------------------------------------------------------
 
 def make_drivers(lab: Lab) -> dict[str, Driver]:
-    """The drivers of the runnable techniques, made as the Local Controllers make theirs (which
-    migrate with the driver that lists the VM, so both sides see the same VMs)."""
-    from testbed.drivers.base import pm_hosts
+    """The drivers of the techniques the lab runs, made as the Local Controllers make theirs
+    (which migrate with the driver that lists the VM, so both sides see the same VMs); a real
+    lab's reach its PMs with the inventory's key and known hosts (testbed.lab_drivers)."""
+    from testbed.lab_drivers import lab_drivers
 
-    return {name: make_driver(name, pm_hosts(lab)) for name in RUNNABLE}
+    return lab_drivers(lab)
 
 
+def cc_client(lab: Lab, token_file: Path | None = None) -> ManagerClient:
+    """A client of the lab's CC with the lab's own token (testbed.manager.tokens: `token_file`,
+    else the embedded lab's file, else the real lab's controller's), never another lab's."""
+    from testbed.manager import CC_PORT
+    from testbed.manager.api import url_for
+    from testbed.manager.tokens import lab_token
 
-def cc_client(lab: Lab) -> ManagerClient:
-    from testbed.manager import CC_PORT, DEFAULT_TOKEN_FILE
-    from testbed.manager.api import load_token, url_for
-
-    return ManagerClient(url_for(lab.controller.address, CC_PORT), load_token(DEFAULT_TOKEN_FILE), timeout=30)
+    return ManagerClient(url_for(lab.controller.address, CC_PORT), lab_token(lab, token_file), timeout=30)
 
 
 def lab_facts(lab: Lab) -> dict[str, Any]:
