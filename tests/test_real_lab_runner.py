@@ -305,3 +305,18 @@ def test_a_vm_missing_once_is_a_switchover_and_twice_a_crash() -> None:
     assert executor._wait(Switchover(gaps=1, polls=3), "vm1", workload, deadline).exit_status == 0
     with pytest.raises(RuntimeError, match="the VM stopped running during synthetic1 9"):
         executor._wait(Switchover(gaps=2, polls=5), "vm1", workload, deadline)
+
+
+def test_a_real_pms_venv_holds_what_its_lcs_driver_imports() -> None:
+    """The balancer role installs the `manager` extra on a real lab's hosts; a kvm PM's LC makes the
+    libvirt driver, which imports paramiko (testbed.drivers.ssh): without it the LC would not start."""
+    import re
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    manager = {re.split(r"[<>=\[ ]", requirement)[0].lower() for requirement in extras["manager"]}
+    code = ("import sys, testbed.drivers.libvirt; "
+            "print(' '.join(m for m in ('paramiko', 'fastapi', 'httpx') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          check=True)
+    assert set(done.stdout.split()) <= manager and "paramiko" in done.stdout.split()
