@@ -186,6 +186,33 @@ def test_a_tcp_console_follows_a_migration_it_was_not_told_of() -> None:
         console.close()
 
 
+def test_a_roaming_tcp_console_sends_where_its_driver_moved_the_domain() -> None:
+    """After its own driver's migration (`move`), the console lets go of the source at once, even
+    while that QEMU still answers: the next command goes to the destination."""
+    source = tcp_listener("127.0.0.1")
+    port = source.getsockname()[1]
+    destination = socket.socket()
+    destination.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    destination.bind(("127.0.0.2", port))
+    destination.listen(1)
+    on_source: list[str] = []
+    on_destination: list[str] = []
+    serve(source, answering_guest, on_source)
+    serve(destination, answering_guest, on_destination)
+    console = TcpConsole("vm1", ("127.0.0.1", port), [("127.0.0.1", port), ("127.0.0.2", port)])
+    try:
+        console.attach(("127.0.0.1", port))
+        console.attach(("127.0.0.2", port))
+        assert console._home() == ("127.0.0.1", port)  # connected first
+        console.move(("127.0.0.2", port))
+        assert console.wait(lambda: list(console._sockets) == [("127.0.0.2", port)], timeout_s=5)
+        run = console.start(["echo", "moved"])
+        assert console.wait_run(run.id, timeout_s=10).exit_status == 0
+        assert on_destination == [f"run {run.id} echo moved"] and on_source == []
+    finally:
+        console.close()
+
+
 def test_a_tcp_console_that_is_not_there_is_an_error() -> None:
     listener = tcp_listener("127.0.0.1")
     port = listener.getsockname()[1]

@@ -243,11 +243,12 @@ class TcpConsole(GuestConsole):
     each: it is lab-wide). It keeps trying those it is not connected to, so it follows a
     migration another process ordered (a Local Controller, for the CC) as it follows its own
     driver's: the destination's QEMU listens from its start, and the source's closes at the end.
-    Commands go to the endpoint it has been connected to longest (the source, until it closes)."""
+    Commands go to the console connected longest (the source, until it closes)."""
 
     def __init__(self, vm: str, home: tuple[str, int], everywhere: Sequence[tuple[str, int]] = ()) -> None:
         self._endpoints: tuple[tuple[str, int], ...] = (home,)  # replaced whole, never mutated
         self._everywhere = tuple(everywhere)
+        self._drop: frozenset[tuple[str, int]] = frozenset()  # let go of these once (move)
         self._next_try: dict[Hashable, float] = {}
         super().__init__(vm)
 
@@ -257,23 +258,24 @@ class TcpConsole(GuestConsole):
 
     def move(self, home: tuple[str, int]) -> None:
         """The domain lives at `home` now; let go of every other console."""
+        self._drop = frozenset(key for key in self._wanted() if key != home)
         self._endpoints = (home,)
 
     def _wanted(self) -> tuple[tuple[str, int], ...]:
         return tuple(dict.fromkeys((*self._endpoints, *self._everywhere)))
 
     def _home(self) -> tuple[str, int]:
-        if self._everywhere:
-            with self._cond:  # the console thread adds and removes sockets
-                connected = [key for key in self._sockets if key in self._wanted()]  # oldest first
-            if connected:
-                return connected[0]  # type: ignore[return-value]
-        return self._endpoints[0]  # the source until the migration is over
+        """The console connected longest (the source's, until its QEMU goes at the end of a
+        migration), else the one the domain was created or moved at."""
+        with self._cond:  # the console thread adds and removes sockets
+            connected = list(self._sockets)  # in the order they were connected
+        return connected[0] if connected else self._endpoints[0]  # type: ignore[return-value]
 
     def _follow(self) -> None:
         wanted, now = self._wanted(), time.monotonic()
+        drop, self._drop = self._drop, frozenset()
         for key in list(self._sockets):
-            if key not in wanted:
+            if key not in wanted or key in drop:
                 self._close(self._sockets[key])
         for key in wanted:
             if key not in self._sockets and now >= self._next_try.get(key, 0.0):
