@@ -641,6 +641,7 @@ def yaml_spec(path: Path) -> Path:
     path.write_text(yaml.safe_dump(spec | KVM_EXP1))
     return path
 
+
 ANSIBLE_2010 = Path("/var/cache/testbed/ansible-2.12")
 
 

@@ -59,7 +59,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lc.add_argument("--vm-cpu", default="none", metavar="TECHNIQUE",
                     help=f"on a real PM, the technique whose tools report each VM's CPU: {', '.join(REAL_LAB)} "
                          "or none (the inventory's testbed_technique; the embedded lab's LC reads its cgroups)")
-
     lc.add_argument("--pm-cpu", default=None, choices=PM_CPU_SOURCES,
                     help="on a real PM, where its own CPU use comes from: the machine's /proc/stat, or the sum "
                          "of its VMs' for PMs that share one kernel (default: the inventory's testbed_pm_cpu, "
