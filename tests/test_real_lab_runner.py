@@ -320,3 +320,42 @@ def test_a_real_pms_venv_holds_what_its_lcs_driver_imports() -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
                           check=True)
     assert set(done.stdout.split()) <= manager and "paramiko" in done.stdout.split()
+
+
+def test_a_kvm_pms_local_controller_starts_from_the_inventory_and_samples_its_vms_sum(
+        kvm_lab, tmp_path: Path) -> None:
+    """`testbed manager lc` as the balancer role starts it on a kvm PM (--vm-cpu kvm), here on
+    loopback: it makes the libvirt driver (nothing is reached before an order), and with the
+    inventory's `testbed_pm_cpu: vms` its PM is as busy as its VMs, none here (no virsh on this
+    machine), whatever this machine is doing; an order for a VM it does not run is refused."""
+    import socket
+
+    import httpx
+
+    token = tmp_path / "token"
+    token.write_text("lc-test-token\n")
+    token.chmod(0o600)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    lc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "manager", "lc", "-i", str(kvm_lab.inventory),
+                           "--host", "pm1", "--vm-cpu", "kvm", "--token-file", str(token), "--listen", "127.0.0.1",
+                           "--port", str(port), "--period", "0.2"],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer lc-test-token"}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                sample = httpx.get(f"{url}/v1/sample", params={"window": 1}, headers=auth, timeout=5)
+                break
+            except httpx.TransportError:
+                assert lc.poll() is None and time.monotonic() < deadline, lc.communicate(timeout=10)
+                time.sleep(0.3)
+        assert sample.status_code == 200, sample.text
+        assert sample.json()["host"] == "pm1" and sample.json()["vms"] == [] and sample.json()["use"] == 0.0
+        order = httpx.post(f"{url}/v1/migrate", json={"vm": "vm1", "dest": "pm2"}, headers=auth, timeout=10)
+        assert order.status_code == 404 and "no VM named vm1" in order.text
+    finally:
+        lc.terminate()
+        lc.communicate(timeout=30)
