@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -602,7 +603,8 @@ def test_testbed_run_drives_exp1_on_libvirt_test_hosts_with_a_cc_ordered_live_mi
         assert completed and {m["mode"] for m in completed} == {"precopy"}, moves
         assert all(m["source"] in pms and m["destination"] in pms and int(m["bytes"]) > 0 for m in completed)
         # the domain really moved: a VM the CC moved last ended its work on the destination
-        last = {m["vm"]: m["destination"] for m in sorted(completed, key=lambda m: float(m["started_at"]))}
+        in_order = sorted(completed, key=lambda m: datetime.fromisoformat(m["started_at"]))  # ISO 8601 in the store
+        last = {m["vm"]: m["destination"] for m in in_order}
         assert any(t["run_id"] == mig and last.get(t["vm"]) == t["end_host"] != t["start_host"] for t in times), times
         details = json.loads((results / "runs" / f"{mig}.json").read_text())
         assert any(r["action"] == "migrate" and r["order"] for r in details["manager_rounds"]), details
