@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import paramiko
 import pytest
 import yaml
 from test_per_vm import CcStub, FakeDriver
@@ -275,6 +276,33 @@ def test_the_lab_executor_runs_a_kvm_run_on_a_real_lab_over_the_driver(kvm_lab) 
     assert sorted(t.vm for t in result.vm_times) == ["vm1", "vm2", "vm3"]
     assert result.details["gate"]["storage"]["disks"] == {} and driver.created == {}  # cleaned up
 
+
+
+class Unreachable(FakeLibvirt):
+    """A PM that stops answering SSH once the VMs are up: every listing after `answers` fails as
+    paramiko fails when a channel cannot be opened."""
+
+    def __init__(self, answers: int) -> None:
+        super().__init__()
+        self.answers = answers
+
+    def list_vms(self) -> list[VMInfo]:
+        self.answers -= 1
+        if self.answers < 0:
+            raise paramiko.SSHException("Timeout opening channel.")
+        return super().list_vms()
+
+
+def test_a_pm_that_stops_answering_fails_its_run_in_one_line_and_the_next_reset_refuses(kvm_lab) -> None:
+    driver = Unreachable(answers=3)  # the reset's two listings and the placement's
+    lab_executor = LabExecutor(kvm_lab, {"kvm": driver}, CcStub(), sample_period_s=0.05, reset_wait_s=0)
+    lab_executor._check_clocks = lambda: {"offsets_s": {}}
+    result = lab_executor.execute(kvm_run())  # no traceback out of the cleanup
+    assert result.status in ("failed", "invalid") and result.details["cleanup"]["errors"] == {
+        "kvm:list": "SSHException: Timeout opening channel."
+    }
+    again = lab_executor.execute(kvm_run())
+    assert again.status == "invalid" and "Timeout opening channel" in again.details["error"]
 
 
 class Switchover(FakeLibvirt):

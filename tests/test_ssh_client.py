@@ -35,26 +35,31 @@ def server(tmp_path_factory) -> Iterator[tuple[int, paramiko.PKey]]:
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
-    def serve() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                sock, _ = listener.accept()
-            except TimeoutError:
-                continue
-            transport = paramiko.Transport(sock)
-            transport.add_server_key(key)
-            try:
-                transport.start_server(server=paramiko.ServerInterface())
-            except (paramiko.SSHException, EOFError):
-                transport.close()
+    def serve(transport: paramiko.Transport) -> None:
+        try:
+            transport.start_server(server=paramiko.ServerInterface())
+        except (paramiko.SSHException, EOFError):
+            transport.close()
 
-    thread = threading.Thread(target=serve, daemon=True)
+    thread = threading.Thread(target=_accept, args=(listener, key, stop, serve), daemon=True)
     thread.start()
     yield listener.getsockname()[1], key
     stop.set()
     thread.join(timeout=5)
     listener.close()
+
+
+def _accept(listener: socket.socket, key: paramiko.PKey, stop: threading.Event, serve) -> None:
+    """Hand each connection to `serve` as a server-side transport with the host key, until stop."""
+    listener.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            sock, _ = listener.accept()
+        except TimeoutError:
+            continue
+        transport = paramiko.Transport(sock)
+        transport.add_server_key(key)
+        serve(transport)
 
 
 def _host_key(directory: Path) -> paramiko.PKey:
@@ -125,3 +130,96 @@ def test_a_missing_lab_known_hosts_is_one_line_before_any_connection(tmp_path):
     target = SshTarget("127.0.0.1", tmp_path / "id_ed25519", known_hosts=tmp_path / "absent")
     with pytest.raises(InputError, match="absent: no such known_hosts file"):
         Remote(target).run(["true"])
+
+
+class _Server(paramiko.ServerInterface):
+    """Accepts any key and runs `echo WORD` (the only command) on a session channel. On the
+    connection numbered `stalled` it never answers a channel open: its transport thread waits,
+    as a server that stopped answering one connection did on the test hosts."""
+
+    def __init__(self, number: int, stalled: int | None, refuse: bool, stop: threading.Event, ran: list[str]):
+        self.number, self.stalled, self.refuse, self.stop, self.ran = number, stalled, refuse, stop, ran
+
+    def get_allowed_auths(self, username: str) -> str:
+        return "publickey"
+
+    def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
+        return paramiko.AUTH_SUCCESSFUL
+
+    def check_channel_request(self, kind: str, chanid: int) -> int:
+        if self.number == self.stalled:
+            self.stop.wait(30)
+        if self.refuse:
+            return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        return paramiko.OPEN_SUCCEEDED
+
+    def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
+        self.ran.append(command.decode())
+
+        def reply() -> None:
+            channel.sendall(command.decode().removeprefix("echo ").encode() + b"\n")
+            channel.send_exit_status(0)
+            channel.close()
+
+        # after paramiko has sent the request's success, which it does once this returns
+        threading.Timer(0.2, reply).start()
+        return True
+
+
+@pytest.fixture
+def exec_server(tmp_path):
+    """Start a loopback server (stalled: which connection never answers opens; refuse: every open
+    refused); yields (port, connections made, commands run) and a known_hosts for it."""
+    key = _host_key(tmp_path)
+    stop = threading.Event()
+    started: list[threading.Thread] = []
+
+    def start(stalled: int | None = None, refuse: bool = False):
+        listener = socket.create_server(("127.0.0.1", 0))
+        connections: list[paramiko.Transport] = []
+        ran: list[str] = []
+
+        def serve(transport: paramiko.Transport) -> None:
+            connections.append(transport)
+            transport.start_server(server=_Server(len(connections), stalled, refuse, stop, ran))
+
+        thread = threading.Thread(target=_accept, args=(listener, key, stop, serve), daemon=True)
+        thread.start()
+        started.append(thread)
+        port = listener.getsockname()[1]
+        return port, connections, ran, _known_hosts(tmp_path, port, key)
+
+    yield start
+    stop.set()
+    for thread in started:
+        thread.join(timeout=5)
+
+
+def _client_key(tmp_path: Path) -> Path:
+    _host_key(tmp_path)  # writes tmp_path/host_key: any key logs in here
+    return tmp_path / "host_key"
+
+
+def test_a_connection_that_stops_answering_opens_is_made_anew_and_the_command_runs_once(
+    exec_server, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("testbed.drivers.ssh.OPEN_TIMEOUT_S", 0.5)
+    port, connections, ran, known = exec_server(stalled=1)
+    keys = tmp_path / "client"
+    keys.mkdir()
+    remote = Remote(SshTarget("127.0.0.1", _client_key(keys), known, port=port))
+    assert remote.run(["echo", "hello"]) == "hello\n"
+    assert len(connections) == 2 and ran == ["echo hello"]
+    remote.close()
+
+
+def test_a_refused_open_is_raised_without_a_new_connection(exec_server, tmp_path, monkeypatch):
+    monkeypatch.setattr("testbed.drivers.ssh.OPEN_TIMEOUT_S", 0.5)
+    port, connections, ran, known = exec_server(refuse=True)
+    keys = tmp_path / "client"
+    keys.mkdir()
+    remote = Remote(SshTarget("127.0.0.1", _client_key(keys), known, port=port))
+    with pytest.raises(paramiko.ChannelException):
+        remote.run(["echo", "hello"])
+    assert len(connections) == 1 and ran == []
+    remote.close()

@@ -21,6 +21,8 @@ import paramiko
 from testbed.errors import InputError
 
 CONNECT_TIMEOUT_S = 10.0
+OPEN_TIMEOUT_S = 20.0  # a busy PM's sshd (TCG guests on every core) answers an open in well under this
+KEEPALIVE_S = 15.0
 
 
 def ssh_client(known_hosts: Path | None) -> paramiko.SSHClient:
@@ -83,6 +85,7 @@ class Remote:
                     allow_agent=False,
                     look_for_keys=False,
                 )
+                client.get_transport().set_keepalive(KEEPALIVE_S)
                 self._client = client
             return self._client
 
@@ -99,21 +102,45 @@ class Remote:
         self, argv: Sequence[str], timeout_s: float = 60.0, stdin: bytes | None = None
     ) -> tuple[int, str, str]:
         """Run argv on the host: (exit status, stdout, stderr)."""
-        chan_in, chan_out, chan_err = self._connected().exec_command(shlex.join(argv), timeout=timeout_s)
+        channel = self._session(timeout_s)
+        channel.exec_command(shlex.join(argv))
         if stdin is not None:
-            chan_in.write(stdin)
-        chan_in.channel.shutdown_write()
-        out = chan_out.read().decode()
-        err = chan_err.read().decode()
-        return chan_out.channel.recv_exit_status(), out, err
+            channel.sendall(stdin)
+        channel.shutdown_write()
+        with channel.makefile("rb") as chan_out, channel.makefile_stderr("rb") as chan_err:
+            out = chan_out.read().decode()
+            err = chan_err.read().decode()
+        return channel.recv_exit_status(), out, err
+
+    def _session(self, timeout_s: float) -> paramiko.Channel:
+        """A new session channel, its reads bounded by `timeout_s`. Opening it waits at most
+        OPEN_TIMEOUT_S, not the command's time (paramiko's exec_command waits the whole timeout
+        for both). A connection whose server does not answer an open is dropped and made anew,
+        once: no command has run on it yet, so trying again runs nothing twice. (On the test
+        hosts one connection once stopped answering opens mid-run and the next 60 s call failed
+        the run; keepalives now find a dead connection between calls too.)"""
+        for attempt in (1, 2):
+            transport = self._connected().get_transport()
+            assert transport is not None  # _connected returns a connected client
+            try:
+                channel = transport.open_session(timeout=OPEN_TIMEOUT_S)
+            except paramiko.ChannelException:
+                raise  # the server answered: it refused (MaxSessions, say), and would again
+            except paramiko.SSHException:
+                if attempt == 2:
+                    raise
+                self.close()
+                continue
+            channel.settimeout(timeout_s)
+            return channel
+        raise AssertionError("unreachable")
 
     def stream(self, argv: Sequence[str], timeout_s: float = 3600.0) -> Iterator[tuple[float, str]]:
         """Run argv and yield (local clock, line) for each stdout line as it arrives (stderr
         merged), so a tool's progress messages get the time they were printed; raises
         RemoteError at the end if the command failed."""
-        channel = self._connected().get_transport().open_session(timeout=CONNECT_TIMEOUT_S)
+        channel = self._session(timeout_s)
         channel.set_combine_stderr(True)
-        channel.settimeout(timeout_s)
         channel.exec_command(shlex.join(argv))
         lines: list[str] = []
         buffer = b""

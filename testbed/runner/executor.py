@@ -353,6 +353,9 @@ class LabExecutor:
             return RunResult("failed", now, time.time(), details=details)
         try:
             return self._measure(driver, run, details)
+        except Exception as err:  # noqa: BLE001 - a PM that stops answering fails this run, not the campaign
+            details["error"] = f"{type(err).__name__}: {err}"
+            return RunResult("failed", now, time.time(), details=details)
         finally:
             details["cleanup"] = self._destroy_all(driver)
 
@@ -475,9 +478,13 @@ class LabExecutor:
         """Destroy the drivers' experiment VMs (vm1, vm2, ...: whatever count a previous
         campaign had), never another VM: on a shared lab that is someone else's, and the reset's
         stray check refuses the run while it is there instead."""
-        found = [(driver, info.name) for driver in drivers for info in driver.list_vms()
-                 if EXPERIMENT_VM.fullmatch(info.name)]
         errors: dict[str, str] = {}
+        found: list[tuple[Driver, str]] = []
+        for driver in drivers:
+            try:  # a real lab's PM may not answer (SSH): the run fails on it, the campaign goes on
+                found += [(driver, info.name) for info in driver.list_vms() if EXPERIMENT_VM.fullmatch(info.name)]
+            except Exception as err:  # noqa: BLE001 - reported; the next reset refuses its run on it
+                errors[f"{driver.technique}:list"] = f"{type(err).__name__}: {err}"
 
         def destroy(driver: Driver, vm: str) -> None:
             try:
