@@ -54,6 +54,10 @@ class Technique:
     #: Host); None: no real lab runs it, so neither an inventory's `testbed_technique` nor
     #: `testbed manager lc --vm-cpu` may name it.
     vm_cpu: str | None = None
+    #: "module:Class" of a real PM's Sampler (made with the PM's name and pm_cpu) where the PM's
+    #: kernel does not see its VMs' CPU (Xen: dom0's /proc/stat counts dom0 alone); None: /proc/stat
+    #: and `vm_cpu` (testbed.manager.sampler.ProcStatSampler).
+    pm_sampler: str | None = None
     in_specs: bool = True  # an experiment spec may name it
     embedded: bool = False  # its driver is made from the PMs alone: every embedded LC holds one
     simulated: bool = False  # its VMs are simulated (never compared with a lab technique in one campaign)
@@ -79,6 +83,12 @@ class Technique:
         if self.vm_cpu is None:
             raise ValueError(f"technique {self.name!r} runs on no real lab")
         return _resolve(self.vm_cpu)(host)
+
+    def real_pm_sampler(self, host: str, pm_cpu: str) -> Any:
+        """Its own Sampler of the real PM `host` (only techniques with a `pm_sampler`)."""
+        if self.pm_sampler is None:
+            raise ValueError(f"technique {self.name!r} is sampled from /proc/stat and its VM CPU reader")
+        return _resolve(self.pm_sampler)(host, pm_cpu=pm_cpu)
 
     def run_bench(self, args: argparse.Namespace) -> int:
         """Its `testbed bench migration` (only techniques in BENCHED have one)."""
@@ -135,7 +145,7 @@ _ENTRIES = (
         name="xen", label="Xen", vm_noun="a Xen domain", driver="testbed.drivers.xen:XenDriver",
         default_mode="precopy", modes=("precopy", "stopcopy"),  # stop-and-copy with xm (Xen 3.2) only
         compressions=("none",),
-        vm_cpu="testbed.manager.sampler:xen_reader", unrunnable=_REAL_LAB_ONLY,
+        pm_sampler="testbed.manager.sampler:XenSampler", unrunnable=_REAL_LAB_ONLY,
     ),
     Technique(
         name="openvz", label="OpenVZ", vm_noun="an OpenVZ container", driver="testbed.drivers.openvz:OpenVZDriver",
@@ -172,7 +182,7 @@ REAL_RUNNABLE = tuple(t.name for t in _ENTRIES if t.runnable and not t.embedded 
 #: What `testbed bench migration` measures.
 BENCHED = tuple(t.name for t in _ENTRIES if t.bench is not None)
 #: What a real lab's `testbed_technique` (and `testbed manager lc --vm-cpu`) may name.
-REAL_LAB = tuple(t.name for t in _ENTRIES if t.vm_cpu is not None)
+REAL_LAB = tuple(t.name for t in _ENTRIES if t.vm_cpu is not None or t.pm_sampler is not None)
 #: The one technique whose runs are simulated.
 (SIMULATOR,) = (t.name for t in _ENTRIES if t.simulated)
 

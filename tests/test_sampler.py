@@ -5,6 +5,7 @@ outputs; and tools that are missing mean no VMs, not an error."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from testbed.manager.sampler import (
     NS_PER_S,
     ProcStatSampler,
     VmCounters,
+    XenSampler,
     libvirt_vms,
     openvz_vms,
     parse_proc_stat,
@@ -173,7 +175,7 @@ def test_kvm_domains_without_cgroups_count_their_vcpus_time() -> None:
     assert libvirt_vms(recorded) == {"tbvm3": VmCounters(usage_ns=4_490_000_000, limit_cpus=1.0)}
 
 
-@pytest.mark.parametrize("technique", REAL_LAB)
+@pytest.mark.parametrize("technique", [name for name in REAL_LAB if name != "xen"])
 def test_a_technique_whose_tools_do_not_answer_has_no_vms(technique: str) -> None:
     """This machine has no virsh, xl, xm or /proc/vz, and no cgroup of a PM named like this."""
     assert vm_reader(technique, Host("tr-nosuchpm", "198.18.0.11", 1.0, 4))() == {}
@@ -226,3 +228,65 @@ def test_a_local_controller_reads_this_machine() -> None:
         lc.stop()
     assert sample.capacity == float(parse_proc_stat(Path("/proc/stat").read_text()).cpus)
     assert 0.0 <= sample.use <= 100.0 and sample.window >= 0.6 and sample.vms == []
+
+
+# --- a Xen PM: the hypervisor's account, not dom0's /proc/stat -----------------------------------
+
+XL_INFO = (REAL_OUTPUTS / "xl_info.txt").read_text()
+XL_LIST = (REAL_OUTPUTS / "xl_list.txt").read_text()
+
+
+def _later_xl_list(seconds: dict[str, float]) -> str:
+    """The recorded `xl list` with each named domain's Time(s) advanced, in xl's own columns."""
+    from testbed.drivers.xen import parse_xl_list
+
+    lines = [XL_LIST.splitlines()[0]]
+    for d in parse_xl_list(XL_LIST):
+        lines.append(f"{d.name:<40}{d.domid:>5}{d.memory_mb:>6}{d.vcpus:>6}     {d.state:>6}"
+                     f"{d.cpu_time_s + seconds.get(d.name, 0.0):>10.1f}")
+    return "\n".join(lines) + "\n"
+
+
+def test_xl_info_gives_the_physical_cpus_and_refuses_an_output_without_them() -> None:
+    from testbed.drivers.xen import physical_cpus
+
+    assert physical_cpus(XL_INFO) == 4
+    with pytest.raises(ValueError, match="no nr_cpus"):
+        physical_cpus(XL_INFO.replace("nr_cpus ", "nr_nodes_"))
+
+
+@pytest.mark.parametrize(("pm_cpu", "pm_use"), [("machine", 50.0), ("vms", 45.0)])
+def test_a_xen_pm_is_the_hypervisors_account_of_every_domain(pm_cpu: str, pm_use: float) -> None:
+    """Over 2 s of a 4-CPU Xen PM, Domain-0 ran 0.4 CPU-s and the guest `linux` 3.6 (`win` none):
+    the PM was half busy (4.0 of 8 CPU-s, whatever dom0's /proc/stat says: its kernel never sees
+    the guests), `linux` used 45 % of it; with pm_cpu "vms" the PM's use is its guests' alone."""
+    lists = iter([XL_LIST, _later_xl_list({"Domain-0": 0.4, "linux": 3.6})])
+    calls: list[list[str]] = []
+
+    def tool(argv: list[str]) -> str:
+        calls.append(argv)
+        return XL_INFO if argv[1] == "info" else next(lists)
+
+    sampler = XenSampler("pm1", pm_cpu=pm_cpu, toolstack="xl", tool=tool)
+    assert sampler.capacity == 4.0
+    readings = [replace(sampler.read(), t=t) for t in (100.0, 102.0)]
+    sample = summarize("pm1", sampler.capacity, readings, window=2.0)
+    assert sample.use == pytest.approx(pm_use)
+    assert {vm.name: round(vm.use, 3) for vm in sample.vms} == {"win": 0.0, "linux": 45.0}
+    assert calls == [["xl", "info"], ["xl", "list"], ["xl", "list"]]  # one list per reading
+
+
+def test_a_xen_pm_whose_toolstack_fails_stops_its_samples_and_one_without_xen_is_refused() -> None:
+    import subprocess
+
+    def failing(argv: list[str]) -> str:
+        if argv[1] == "info":
+            return XL_INFO
+        raise subprocess.CalledProcessError(1, argv, stderr="libxl: error")
+
+    with pytest.raises(OSError, match="xl list"):  # the LC answers 503, not stale figures
+        XenSampler("pm1", toolstack="xl", tool=failing).read()
+    with pytest.raises(ValueError, match=r"xm info: .*is this PM running Xen\?"):
+        XenSampler("pm1", toolstack="xm")  # this machine has no xm
+    argv = ["manager", "lc", "-i", str(REPO / "inventory/example-modern"), "--host", "pm1", "--vm-cpu", "xen"]
+    assert main(argv) == 2  # one line, before the LC serves anything

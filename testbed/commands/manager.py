@@ -17,7 +17,7 @@ from testbed.errors import InputError
 from testbed.lab import PM_CPU_SOURCES
 from testbed.lab_drivers import PM_ROOT_KEY
 from testbed.manager import CC_PORT, DEFAULT_EVENT_LOG, DEFAULT_TOKEN_FILE, LC_PORT
-from testbed.techniques import EMBEDDED, REAL_LAB, REAL_RUNNABLE
+from testbed.techniques import CATALOGUE, EMBEDDED, REAL_LAB, REAL_RUNNABLE
 
 if TYPE_CHECKING:
     from testbed.drivers.base import Host
@@ -151,13 +151,16 @@ def lc_techniques(lab: Lab, asked: list[str] | None) -> list[str]:
 def _sampler(embedded: bool, host: Host, vm_cpu: str, pm_cpu: str = "machine") -> Sampler:
     """The embedded lab's PM is its cgroup (made visible first: that needs a process without
     threads); a real PM is the whole machine (or, pm_cpu "vms", its VMs' sum), its VMs those its
-    technique's tools list."""
+    technique's tools list; a technique with its own PM sampler (xen) is sampled by that."""
     from testbed.manager.sampler import CgroupSampler, ProcStatSampler, ensure_cgroupfs, vm_reader
 
     if embedded:
         ensure_cgroupfs()
         return CgroupSampler(host)
     try:
+        entry = CATALOGUE.get(vm_cpu)
+        if entry is not None and entry.pm_sampler is not None:  # Xen: the hypervisor's figures
+            return entry.real_pm_sampler(host.name, pm_cpu)
         return ProcStatSampler(host.name, vm_reader(vm_cpu, host), pm_cpu=pm_cpu)
     except ValueError as err:
         raise InputError(f"--vm-cpu: {err}") from None

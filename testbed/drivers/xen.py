@@ -76,6 +76,26 @@ def parse_xl_list(text: str) -> list[XenDomain]:
     return domains
 
 
+def parse_xl_info(text: str) -> dict[str, str]:
+    """`xl info` / `xm info`: one `key<padding>: value` line each (xl's output_physinfo and xm's
+    `"%-23s:" % key` print the same layout); a continued value (a line without its own key) is
+    left out."""
+    info = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() and " " not in key.strip():
+            info[key.strip()] = value.strip()
+    return info
+
+
+def physical_cpus(xl_info: str) -> int:
+    """The CPUs Xen schedules domains on (`nr_cpus`), what a Xen PM's capacity is."""
+    cpus = parse_xl_info(xl_info).get("nr_cpus", "")
+    if not cpus.isdigit() or int(cpus) < 1:
+        raise ValueError(f"no nr_cpus in the xl info output: {cpus!r}")
+    return int(cpus)
+
+
 def parse_xentop(text: str) -> list[list[XentopRow]]:
     """Every iteration of `xentop -b` output, in order; each a list of domain rows."""
     frames: list[list[XentopRow]] = []

@@ -11,9 +11,12 @@ Two kinds of PM, two samplers:
 - A real PM (`ProcStatSampler`): a whole machine with no lab cgroup (cgroup v2 on Debian 12, none
   on CentOS 5). The PM's use is /proc/stat's busy jiffies over its total jiffies, so its capacity
   is the CPUs /proc/stat counts; each VM's CPU time comes from its technique's own tools on the
-  PM (`vm_reader`): libvirt's domain CPU time (kvm, through virsh), `xl list`/`xm list` (xen), /proc/vz/vestat
-  (openvz), the nested cgroups of the container technique. Those tools say nothing of a VM's
-  waiting, so on a real PM a VM's demand is its use.
+  PM (`vm_reader`): libvirt's domain CPU time (kvm, through virsh), /proc/vz/vestat (openvz),
+  the nested cgroups of the container technique. Those tools say nothing of a VM's waiting, so
+  on a real PM a VM's demand is its use.
+- A Xen PM (`XenSampler`, the catalogue's `pm_sampler` for xen): dom0's /proc/stat counts only
+  dom0's vCPUs, not the guests the hypervisor runs beside it, so the PM's use and its guests' come
+  from one `xl list`/`xm list` (every domain's CPU time, Domain-0 included) over the physical CPUs.
 """
 
 from __future__ import annotations
@@ -265,6 +268,47 @@ def openvz_vms(vestat: str, vzlist: str, ticks_per_s: int) -> dict[str, VmCounte
             for c in parse_vzlist(vzlist) if c.status == "running" and c.ctid in ticks and c.ctid != 0}
 
 
+class XenSampler:
+    """A Xen PM, as the hypervisor accounts for it: every domain's cumulative CPU time (the
+    counter xentop's CPU(%) is a rate of, 0.1 s resolution) from one `xl list` (`xm list` on Xen
+    3.2) per reading; the PM's use is all domains' sum, Domain-0 included (its I/O backends and
+    the migration machinery run there), over the physical CPUs `xl info` counts (nr_cpus); each
+    guest's is its own row. pm_cpu "vms": the guests' sum only."""
+
+    def __init__(self, host: str, pm_cpu: str = "machine", toolstack: str | None = None,
+                 tool: Callable[[list[str]], str] | None = None) -> None:
+        if pm_cpu not in PM_CPU_SOURCES:
+            raise ValueError(f"no PM CPU source {pm_cpu!r} (known: {', '.join(PM_CPU_SOURCES)})")
+        from testbed.drivers.xen import physical_cpus
+
+        self.host = host
+        self._toolstack = toolstack or ("xl" if shutil.which("xl") else "xm")  # xm: Xen 3.2 (2010)
+        self._tool = tool or _tool
+        self._pm_is_its_vms = pm_cpu == "vms"
+        try:
+            self.capacity = float(physical_cpus(self._tool([self._toolstack, "info"])))
+        except (OSError, subprocess.SubprocessError) as err:
+            raise ValueError(f"{self._toolstack} info: {err} (is this PM running Xen?)") from err
+
+    def _list(self) -> str:
+        try:
+            return self._tool([self._toolstack, "list"])
+        except subprocess.SubprocessError as err:  # the LC answers 503 rather than stale figures
+            raise OSError(f"{self._toolstack} list: {err}") from err
+
+    def vm_names(self) -> list[str]:
+        return sorted(xen_vms(self._list()))
+
+    def read(self) -> Reading:
+        from testbed.drivers.xen import parse_xl_list
+
+        text = self._list()
+        domains = parse_xl_list(text)
+        return Reading(t=time.monotonic(), wall=time.time(), vms=xen_vms(text),
+                       host_usage_ns=round(sum(d.cpu_time_s for d in domains) * NS_PER_S),
+                       pm_is_its_vms=self._pm_is_its_vms)
+
+
 def _tool(argv: list[str]) -> str:
     return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=TOOL_TIMEOUT_S).stdout
 
@@ -292,11 +336,6 @@ def libvirt_reader(host: Host) -> VmReader:
     return lambda: libvirt_vms(_tool(argv))
 
 
-def xen_reader(host: Host) -> VmReader:
-    toolstack = "xl" if shutil.which("xl") else "xm"  # xm: Xen 3.2, the 2010 profile
-    return lambda: xen_vms(_tool([toolstack, "list"]))
-
-
 def openvz_reader(host: Host) -> VmReader:
     ticks_per_s = os.sysconf("SC_CLK_TCK")
     return lambda: openvz_vms(VESTAT.read_text(), _tool(["vzlist", "-a", "-n"]), ticks_per_s)
@@ -315,8 +354,9 @@ def vm_reader(source: str, host: Host) -> VmReader:
     inventory's testbed_technique, its reader named in the technique catalogue), or none."""
     if source == NO_VMS:
         return _answering(dict)
-    if source not in REAL_LAB:
-        raise ValueError(f"no VM CPU source for {source!r} (known: {', '.join((*REAL_LAB, NO_VMS))})")
+    readers = [name for name in REAL_LAB if technique(name).vm_cpu is not None]
+    if source not in readers:
+        raise ValueError(f"no VM CPU source for {source!r} (known: {', '.join((*readers, NO_VMS))})")
     return _answering(technique(source).vm_cpu_reader(host))
 
 
