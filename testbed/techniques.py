@@ -196,6 +196,13 @@ def technique(name: str) -> Technique:
         raise InputError(f"unknown technique {name!r} (known: {', '.join(CATALOGUE)})") from None
 
 
+def check_compression(name: str, compression: str | None, mode: str | None) -> None:
+    """ValueError when technique `name`'s migrations in `mode` cannot be compressed so (None:
+    uncompressed): a driver's own check of a Local Controller's order, by the catalogue's rule."""
+    if reason := technique(name).refuses_compression(compression or "none", mode):
+        raise ValueError(reason)
+
+
 def make_driver(name: str, hosts: Iterable[Host], *, key_file: Path | None = None,
                 known_hosts: Path | None = None) -> Driver:
     """The driver of technique `name` over the PMs `hosts`, the one place that maps a technique to

@@ -367,3 +367,17 @@ def test_proc_net_dev_sums_transmitted_bytes_but_loopback() -> None:
         " peth0: 1 1 0 0 0 0 0 0 70 1 0 0 0 0 0 0\n"
     )
     assert parse_proc_net_dev(text) == 5070
+
+
+@pytest.mark.parametrize("technique", ["xen", "openvz", "kvm"])
+def test_a_real_labs_driver_takes_a_local_controllers_compression_by_the_catalogues_rule(technique: str) -> None:
+    """Every driver takes the LC's `compression=` (the LC passes the CC's order on to any driver);
+    the real-lab ones offer none, so zstd is refused with the catalogue's reason before a PM is
+    reached (these PMs' addresses answer nothing)."""
+    from testbed.techniques import technique as catalogue_entry
+
+    extra = {"kernel": "/boot/vmlinuz"} if technique == "xen" else {}  # a Xen domain's kernel
+    driver = catalogue_entry(technique).driver_class()([PM, Host("pm2", "192.168.10.12", 4.0, 4)], Path("/k"), **extra)
+    mode = MigrationMode.STOPCOPY if technique == "openvz" else MigrationMode.PRECOPY
+    with pytest.raises(ValueError, match=f"technique {technique} does not compress migrations"):
+        driver.migrate("vm1", "pm2", mode, compression="zstd")

@@ -210,5 +210,8 @@ class Driver(Protocol):
     def wait_workload(self, vm: str, workload_id: str, timeout_s: float) -> WorkloadRun:
         """Block until the workload ends (or the timeout passes) and return its state."""
 
-    def migrate(self, vm: str, destination: str, mode: MigrationMode) -> MigrationRecord:
-        """Move a running VM; on failure the VM keeps running where it was."""
+    def migrate(self, vm: str, destination: str, mode: MigrationMode, *,
+                compression: str | None = None) -> MigrationRecord:
+        """Move a running VM, its state compressed with `compression` on the wire (None:
+        uncompressed; ValueError for one its technique does not offer); on failure the VM keeps
+        running where it was."""

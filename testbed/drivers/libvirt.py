@@ -45,6 +45,7 @@ from testbed.drivers.guest_console import ConsoleWorkloads, GuestConsole
 from testbed.drivers.remote_base import RemoteDriverBase, stream_migration
 from testbed.manager.sampler import libvirt_vms, parse_domstats, parse_proc_stat
 from testbed.storage import create_disk_argv
+from testbed.techniques import check_compression
 
 KVM_DOMAIN_TYPE = "kvm"
 TCG_DOMAIN_TYPE = "qemu"  # libvirt's type of a domain QEMU emulates (TCG)
@@ -444,9 +445,8 @@ class LibvirtDriver(ConsoleWorkloads, RemoteDriverBase):
     ) -> MigrationRecord:
         """`virsh migrate --p2p` on the source PM; `compression` only None or "none" (the
         catalogue offers libvirt no compression; a Local Controller passes the order's on)."""
-        if compression not in (None, "none"):
-            raise ValueError(f"libvirt migrations are not compressed here, not with {compression}")
         mode = MigrationMode(mode)
+        check_compression(self.technique, compression, mode.value)
         source = self.vm_host(vm)
         console = self._consoles.get(vm)
         there = (self._hosts[destination].address, self.console_port(vm, source))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from testbed.drivers.base import CpuUse, Host, MigrationMode, MigrationOrder, MigrationRecord, VMInfo, VMSpec
 from testbed.drivers.remote_base import RemoteDriverBase, stream_migration
+from testbed.techniques import check_compression
 
 VZMIGRATE = "/usr/local/sbin/vzmigrate-shared"
 #: vzmigrate's messages (bin/vzmigrate.in) -> the thesis' phase each one starts.
@@ -244,7 +245,10 @@ class OpenVZDriver(RemoteDriverBase):
         self.remote(host).run(["vzctl", "destroy", str(container.ctid)], timeout_s=300)
         self._specs.pop(vm, None)
 
-    def migrate(self, vm: str, destination: str, mode: MigrationMode) -> MigrationRecord:
+    def migrate(self, vm: str, destination: str, mode: MigrationMode, *,
+                compression: str | None = None) -> MigrationRecord:
+        mode = MigrationMode(mode)
+        check_compression(self.technique, compression, mode.value)
         if mode is not MigrationMode.STOPCOPY:
             raise ValueError(f"OpenVZ migrates by stop-and-copy (checkpoint/restore) only, not {mode}")
         source, container = self._find(vm)

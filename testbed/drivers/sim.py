@@ -140,7 +140,9 @@ class SimDriver:
             self.engine.advance(self.engine.t + timeout_s, stop=lambda e: not math.isnan(e.chain_end[chain]))
             return self._refresh(vm, workload_id)
 
-    def migrate(self, vm: str, destination: str, mode: MigrationMode) -> MigrationRecord:
+    def migrate(self, vm: str, destination: str, mode: MigrationMode, *,
+                compression: str | None = None) -> MigrationRecord:
+        """`compression` is accepted and not modelled (the catalogue's sim entry)."""
         with self._lock:
             k = self._vm(vm)
             source = self.engine.host_names[self.engine.vm_host[k]]

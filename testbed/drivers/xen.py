@@ -23,6 +23,7 @@ from pathlib import Path
 from testbed.drivers.base import CpuUse, Host, MigrationMode, MigrationOrder, MigrationRecord, VMInfo, VMSpec
 from testbed.drivers.remote_base import SshGuestDriverBase, stream_migration
 from testbed.drivers.ssh import RemoteError
+from testbed.techniques import check_compression
 
 DOM0 = "Domain-0"
 XENTOP_NAME_WIDTH = 10  # xentop prints names with "%10.10s"
@@ -259,7 +260,10 @@ class XenDriver(SshGuestDriverBase):
             return ["xm", "migrate", vm, destination.address]
         raise ValueError(f"Xen ({self.toolstack}) cannot migrate in mode {mode}")
 
-    def migrate(self, vm: str, destination: str, mode: MigrationMode) -> MigrationRecord:
+    def migrate(self, vm: str, destination: str, mode: MigrationMode, *,
+                compression: str | None = None) -> MigrationRecord:
+        mode = MigrationMode(mode)
+        check_compression(self.technique, compression, mode.value)
         source = self.vm_host(vm)
         argv = self.migrate_argv(vm, self._hosts[destination], mode)
         run = stream_migration(self.remote(source), argv)
