@@ -73,6 +73,9 @@ class LabHost:
     capacity: float  # CPUs it may use (cgroup CPU quota)
     cores: int  # cores it stands for: a k-vCPU VM gets k/cores of its capacity
     link_rate: str  # tc syntax, e.g. "100mbit"
+    #: Where the PM's Local Controller answers ("ADDRESS:PORT") when it does not run on the PM
+    #: (`testbed manager lc --over-ssh`: PMs whose Python cannot run it); None: on the PM itself.
+    lc_endpoint: str | None = None
 
     @property
     def short(self) -> str:
@@ -170,6 +173,7 @@ _HOST_VARS = {
     "testbed_capacity": None,
     "testbed_cores": 4,
     "testbed_link_rate": "100mbit",
+    "testbed_lc_endpoint": None,
 }
 _LAB_VARS = {
     "testbed_lab_network": "198.18.0.0/24",
@@ -314,7 +318,18 @@ def _host(where: str, raw: _RawHost, network: ipaddress.IPv4Network | ipaddress.
     except ValueError as err:
         raise InputError(f"{where}: testbed_link_rate: {err}") from None
     role = "controller" if raw.group == "controller" else "pm"
-    return LabHost(raw.name, role, str(address), capacity, host_cores, rate)
+    return LabHost(raw.name, role, str(address), capacity, host_cores, rate,
+                   _endpoint(where, values["testbed_lc_endpoint"]))
+
+
+def _endpoint(where: str, value: object) -> str | None:
+    """testbed_lc_endpoint: "ADDRESS:PORT" (an IPv4 address or a name), or None when unset."""
+    if value in (None, ""):
+        return None
+    address, sep, port = str(value).rpartition(":")
+    if not sep or not address or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"{where}: testbed_lc_endpoint: {value!r} is not ADDRESS:PORT")
+    return f"{address}:{int(port)}"
 
 
 def _number(where: str, field: str, value: object, kind: type[float | int]) -> float | int:

@@ -78,17 +78,19 @@ class Technique:
         """Its driver's class, its module imported now."""
         return _resolve(self.driver)
 
-    def vm_cpu_reader(self, host: Host) -> Callable[[], Any]:
-        """The sampler's reader of this technique's VMs on the real PM `host`."""
+    def vm_cpu_reader(self, host: Host, tool: Callable[[list[str]], str]) -> Callable[[], Any]:
+        """The sampler's reader of this technique's VMs on the real PM `host`, its tools run
+        through `tool` (testbed.manager.sampler.Tool)."""
         if self.vm_cpu is None:
             raise ValueError(f"technique {self.name!r} runs on no real lab")
-        return _resolve(self.vm_cpu)(host)
+        return _resolve(self.vm_cpu)(host, tool)
 
-    def real_pm_sampler(self, host: str, pm_cpu: str) -> Any:
-        """Its own Sampler of the real PM `host` (only techniques with a `pm_sampler`)."""
+    def real_pm_sampler(self, host: str, pm_cpu: str, tool: Callable[[list[str]], str] | None = None) -> Any:
+        """Its own Sampler of the real PM `host` (only techniques with a `pm_sampler`), its tools
+        run through `tool` (None: on this machine)."""
         if self.pm_sampler is None:
             raise ValueError(f"technique {self.name!r} is sampled from /proc/stat and its VM CPU reader")
-        return _resolve(self.pm_sampler)(host, pm_cpu=pm_cpu)
+        return _resolve(self.pm_sampler)(host, pm_cpu=pm_cpu, tool=tool)
 
     def run_bench(self, args: argparse.Namespace) -> int:
         """Its `testbed bench migration` (only techniques in BENCHED have one)."""

@@ -67,6 +67,10 @@ def test_pm_count_is_the_range_bound(tmp_path: Path) -> None:
         ({"tb-pm1": {"testbed_address": "198.18.0.11", "testbed_link_rate": "fast"}}, {}, "host tb-pm1: testbed_link_rate"),
         ({"tb-pm1": {"testbed_address": "198.18.0.11"}}, {"testbed_lab_network": "nonsense"}, "testbed_lab_network"),
         ({"tb-averyverylongname": {"testbed_address": "198.18.0.11"}}, {}, "host tb-averyverylongname: name"),
+        ({"tb-pm1": {"testbed_address": "198.18.0.11", "testbed_lc_endpoint": "198.18.0.10"}}, {},
+         "host tb-pm1: testbed_lc_endpoint: '198.18.0.10' is not ADDRESS:PORT"),
+        ({"tb-pm1": {"testbed_address": "198.18.0.11", "testbed_lc_endpoint": "198.18.0.10:70000"}}, {},
+         "host tb-pm1: testbed_lc_endpoint"),
     ],
 )
 def test_bad_inventory_is_refused_naming_host_and_field(tmp_path: Path, pms, lab_vars, message) -> None:
@@ -126,3 +130,14 @@ def test_tbf_options_are_the_embedded_labs_bucket_and_queue() -> None:
     assert tbf_options(1_000_000)[3] == str(defaults["lab_host_tbf_min_burst_bytes"])
     assert tbf_options(800_000_000)[3] == str(int(800_000_000 / 8 * defaults["lab_host_tbf_burst_seconds"]))
     assert tbf_options(1)[5] == defaults["lab_host_tbf_latency"]
+
+
+def test_a_pms_lc_is_on_the_pm_unless_the_inventory_puts_it_elsewhere(tmp_path: Path) -> None:
+    """`testbed_lc_endpoint` (the 2010 profile's PMs cannot run the LC: it runs on another host and
+    reaches its PM over SSH) is where the CC and `manager status` find the PM's LC."""
+    from testbed.manager.api import lc_url
+
+    pms = {"tb-pm1": {"testbed_address": "198.18.0.11"},
+           "tb-pm2": {"testbed_address": "198.18.0.12", "testbed_lc_endpoint": "198.18.0.10:7422"}}
+    lab = load_lab(write_inventory(tmp_path, pms))
+    assert [lc_url(pm, 7420) for pm in lab.pms] == ["http://198.18.0.11:7420", "http://198.18.0.10:7422"]

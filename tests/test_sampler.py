@@ -188,6 +188,11 @@ def test_an_unknown_vm_cpu_source_is_refused_before_the_lc_starts() -> None:
     assert main(argv) == 2
 
 
+def test_the_embedded_labs_lc_refuses_to_run_over_ssh(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["manager", "lc", "--host", "tb-pm1", "--over-ssh"]) == 2
+    assert "--over-ssh: the embedded lab's LC runs in its PM's namespace" in capsys.readouterr().err
+
+
 def _stat(busy: int, idle: int) -> str:
     """A /proc/stat of 2 CPUs with these totals (user and idle ticks), as the kernel writes it."""
     return (f"cpu  {busy} 0 0 {idle} 0 0 0 0 0 0\ncpu0 {busy // 2} 0 0 {idle // 2} 0 0 0 0 0 0\n"

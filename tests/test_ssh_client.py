@@ -223,3 +223,73 @@ def test_a_refused_open_is_raised_without_a_new_connection(exec_server, tmp_path
         remote.run(["echo", "hello"])
     assert len(connections) == 1 and ran == []
     remote.close()
+
+
+# --- a Local Controller on another host than its PM (`testbed manager lc --over-ssh`) -------------
+
+class _Shell(paramiko.ServerInterface):
+    """Accepts any key and runs each exec request's command with this machine's shell, as sshd
+    does: the "PM" at the other end of the LC's SSH is this machine."""
+
+    def get_allowed_auths(self, username: str) -> str:
+        return "publickey"
+
+    def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
+        return paramiko.AUTH_SUCCESSFUL
+
+    def check_channel_request(self, kind: str, chanid: int) -> int:
+        return paramiko.OPEN_SUCCEEDED
+
+    def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
+        import subprocess
+
+        def run() -> None:
+            done = subprocess.run(["sh", "-c", command.decode()], capture_output=True, timeout=30, check=False)
+            channel.sendall(done.stdout)
+            channel.sendall_stderr(done.stderr)
+            channel.send_exit_status(done.returncode)
+            channel.close()
+
+        threading.Timer(0.05, run).start()
+        return True
+
+
+@pytest.fixture
+def shell_server(tmp_path):
+    """A loopback SSH server running commands here; yields (port, known_hosts, client key)."""
+    key = _host_key(tmp_path)
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    thread = threading.Thread(
+        target=_accept, args=(listener, key, stop, lambda t: t.start_server(server=_Shell())), daemon=True
+    )
+    thread.start()
+    port = listener.getsockname()[1]
+    keys = tmp_path / "client"
+    keys.mkdir()
+    yield port, _known_hosts(tmp_path, port, key), _client_key(keys)
+    stop.set()
+    thread.join(timeout=5)
+    listener.close()
+
+
+def test_an_lc_over_ssh_reads_its_pm_through_ssh_and_a_missing_tool_means_no_vms(shell_server) -> None:
+    """The sampler of an LC that does not run on its PM reads the PM's /proc/stat and USER_HZ over
+    SSH (here the PM is this machine, so its CPUs are this machine's); a technique's tool the PM
+    lacks (virsh, vzlist and /proc/vz here) answers no VMs, as on the PM itself."""
+    import os
+
+    from testbed.drivers.base import Host
+    from testbed.manager.sampler import ProcStatSampler, ssh_tool, vm_reader
+
+    port, known, key = shell_server
+    tool = ssh_tool(Remote(SshTarget("127.0.0.1", key, known, port=port)))
+    assert tool(["getconf", "CLK_TCK"]).strip() == str(os.sysconf("SC_CLK_TCK"))
+    pm = Host("pm1", "127.0.0.1", 1.0, 4)
+    for technique in ("kvm", "openvz"):
+        sampler = ProcStatSampler("pm1", vm_reader(technique, pm, tool), tool=tool)
+        assert sampler.capacity == os.cpu_count()
+        first, second = sampler.read(), sampler.read()
+        assert first.vms == {} and second.host_total_ns >= first.host_total_ns > 0
+    with pytest.raises(OSError, match="127.0.0.1: cat exited 1"):
+        tool(["cat", "/proc/vz/vestat"])

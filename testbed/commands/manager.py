@@ -22,7 +22,7 @@ from testbed.techniques import CATALOGUE, EMBEDDED, REAL_LAB, REAL_RUNNABLE
 if TYPE_CHECKING:
     from testbed.drivers.base import Host
     from testbed.lab import Lab
-    from testbed.manager.sampler import Sampler
+    from testbed.manager.sampler import Sampler, Tool
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,6 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lc.add_argument("--known-hosts", type=Path, default=None, metavar="FILE",
                     help="on a real PM, the PMs' host keys (default: root's ~/.ssh/known_hosts, which the libvirt "
                          "role fills)")
+    lc.add_argument("--over-ssh", action="store_true",
+                    help="run on another host than the PM (one whose Python cannot run the LC: the 2010 "
+                         "profile's CentOS 5) and read the PM, and run its migrations, over SSH with the "
+                         "inventory's key and known hosts (--ssh-key, --known-hosts to override); bind with --listen")
     lc.add_argument("--listen", default=None, help="address to bind (default: the PM's lab address)")
     lc.add_argument("--port", type=int, default=LC_PORT)
     lc.add_argument("--period", type=float, default=1.0, help="sampling period, seconds")
@@ -123,12 +127,21 @@ def _lc(args: argparse.Namespace) -> int:
     except KeyError:
         raise InputError(f"--host: {args.host} is not a host of {lab.inventory}") from None
     hosts = lab_driver_hosts(lab)
-    sampler = _sampler(lab.embedded, hosts[host.name], args.vm_cpu, args.pm_cpu or lab.pm_cpu)
+    if args.over_ssh and lab.embedded:
+        raise InputError("--over-ssh: the embedded lab's LC runs in its PM's namespace; it is for a real PM")
+    # an LC on another host than its PM (--over-ssh) logs in as the runner does, with the inventory's key
+    key = None if lab.embedded else args.ssh_key or (lab.ssh_key if args.over_ssh else PM_ROOT_KEY)
+    known = args.known_hosts or (lab.known_hosts if args.over_ssh else None)
+    tool = _pm_tool(host.address, key, known) if args.over_ssh else None
+    sampler = _sampler(lab.embedded, hosts[host.name], args.vm_cpu, args.pm_cpu or lab.pm_cpu, tool)
     token = load_token(args.token_file or DEFAULT_TOKEN_FILE)
-    key = None if lab.embedded else args.ssh_key or PM_ROOT_KEY
-    drivers = lab_drivers(lab, techniques, key_file=key, known_hosts=args.known_hosts)
+    drivers = lab_drivers(lab, techniques, key_file=key, known_hosts=known)
     lc = LocalController(sampler, DriverDispatch(drivers, host.name), args.period)
-    _serve(create_app(lc, token), args.listen or host.address, args.port)
+    address, port = args.listen or host.address, args.port
+    if host.lc_endpoint and args.listen is None:  # where the inventory tells the CC to find it
+        address, _, text = host.lc_endpoint.rpartition(":")
+        port = int(text)
+    _serve(create_app(lc, token), address, port)
     return 0
 
 
@@ -148,11 +161,19 @@ def lc_techniques(lab: Lab, asked: list[str] | None) -> list[str]:
     return techniques
 
 
-def _sampler(embedded: bool, host: Host, vm_cpu: str, pm_cpu: str = "machine") -> Sampler:
+def _pm_tool(address: str, key: Path, known_hosts: Path | None) -> Tool:
+    """Commands on the PM over SSH, for an LC that does not run on its PM."""
+    from testbed.drivers.ssh import Remote, SshTarget
+    from testbed.manager.sampler import ssh_tool
+
+    return ssh_tool(Remote(SshTarget(address, key, known_hosts)))
+
+
+def _sampler(embedded: bool, host: Host, vm_cpu: str, pm_cpu: str = "machine", tool: Tool | None = None) -> Sampler:
     """The embedded lab's PM is its cgroup (made visible first: that needs a process without
     threads); a real PM is the whole machine (or, pm_cpu "vms", its VMs' sum), its VMs those its
     technique's tools list; a technique with its own PM sampler (xen) is sampled by that."""
-    from testbed.manager.sampler import CgroupSampler, ProcStatSampler, ensure_cgroupfs, vm_reader
+    from testbed.manager.sampler import CgroupSampler, ProcStatSampler, ensure_cgroupfs, local_tool, vm_reader
 
     if embedded:
         ensure_cgroupfs()
@@ -160,8 +181,8 @@ def _sampler(embedded: bool, host: Host, vm_cpu: str, pm_cpu: str = "machine") -
     try:
         entry = CATALOGUE.get(vm_cpu)
         if entry is not None and entry.pm_sampler is not None:  # Xen: the hypervisor's figures
-            return entry.real_pm_sampler(host.name, pm_cpu)
-        return ProcStatSampler(host.name, vm_reader(vm_cpu, host), pm_cpu=pm_cpu)
+            return entry.real_pm_sampler(host.name, pm_cpu, tool)
+        return ProcStatSampler(host.name, vm_reader(vm_cpu, host, tool or local_tool), pm_cpu=pm_cpu, tool=tool)
     except ValueError as err:
         raise InputError(f"--vm-cpu: {err}") from None
 
@@ -180,7 +201,7 @@ def _cc(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from testbed.errors import describe_validation_error
-    from testbed.manager.api import CcConfig, ManagerClient, load_token, url_for
+    from testbed.manager.api import CcConfig, ManagerClient, lc_url, load_token
     from testbed.manager.central import CentralController, create_app
 
     lab = _lab(args)
@@ -191,7 +212,7 @@ def _cc(args: argparse.Namespace) -> int:
                           compression=args.compression)
     except ValidationError as err:
         raise InputError(describe_validation_error(err, "testbed manager cc")) from None
-    lcs = {pm.name: ManagerClient(url_for(pm.address, LC_PORT), token) for pm in lab.pms}
+    lcs = {pm.name: ManagerClient(lc_url(pm, LC_PORT), token) for pm in lab.pms}
     cc = CentralController(lcs, config, args.event_log)
     if args.paused:
         cc.set_paused(True)
@@ -218,7 +239,7 @@ def _status(args: argparse.Namespace) -> int:
     """The CC's view; if the CC does not answer, each LC asked directly (exit status 1)."""
     import httpx
 
-    from testbed.manager.api import ManagerClient, url_for
+    from testbed.manager.api import ManagerClient, lc_url
 
     lab, token, cc = _cc_client(args)
     try:
@@ -228,7 +249,7 @@ def _status(args: argparse.Namespace) -> int:
         cc_error = f"{type(err).__name__}: {err}"
     lcs = {}
     for pm in lab.pms:
-        lc = ManagerClient(url_for(pm.address, LC_PORT), token)
+        lc = ManagerClient(lc_url(pm, LC_PORT), token)
         try:
             lcs[pm.name] = {"reachable": True, "sample": lc.get("/v1/sample")}
         except httpx.HTTPError as err:

@@ -18,7 +18,7 @@ import stat
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import httpx
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -26,6 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 from testbed.errors import InputError
 from testbed.manager import MAX_WINDOW, Signal
+
+if TYPE_CHECKING:
+    from testbed.lab import LabHost
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
@@ -238,3 +241,9 @@ class ManagerClient:
 
 def url_for(address: str, port: int) -> str:
     return f"http://{address}:{port}"
+
+
+def lc_url(pm: LabHost, port: int) -> str:
+    """A PM's Local Controller: on the PM at `port`, or where its inventory's testbed_lc_endpoint
+    says (an LC run on another host, `testbed manager lc --over-ssh`)."""
+    return f"http://{pm.lc_endpoint}" if pm.lc_endpoint else url_for(pm.address, port)

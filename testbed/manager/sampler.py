@@ -29,11 +29,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from testbed.drivers.base import CGROUP_ROOT, Host
 from testbed.lab import CGROUP_CONTROLLERS, PM_CPU_SOURCES
 from testbed.techniques import REAL_LAB, technique
+
+if TYPE_CHECKING:
+    from testbed.drivers.ssh import Remote
 
 NS_PER_S = 1_000_000_000
 PROC_STAT = Path("/proc/stat")
@@ -214,6 +217,10 @@ def parse_proc_stat(text: str) -> ProcStat:
 
 
 VmReader = Callable[[], dict[str, VmCounters]]
+#: Runs argv on the PM and returns its stdout; OSError or SubprocessError when it fails. An LC on
+#: its PM runs tools as subprocesses (`local_tool`); one on another host reaches the PM over SSH
+#: (`ssh_tool`: the 2010 profile's PMs cannot run the LC's Python).
+Tool = Callable[[list[str]], str]
 """The VMs on a real PM and their counters, as the technique's tools report them; {} when the
 tools do not answer (no VM is better than no sample: the CC balances on what it sees)."""
 
@@ -283,7 +290,7 @@ class XenSampler:
 
         self.host = host
         self._toolstack = toolstack or ("xl" if shutil.which("xl") else "xm")  # xm: Xen 3.2 (2010)
-        self._tool = tool or _tool
+        self._tool = tool or local_tool
         self._pm_is_its_vms = pm_cpu == "vms"
         try:
             self.capacity = float(physical_cpus(self._tool([self._toolstack, "info"])))
@@ -309,8 +316,25 @@ class XenSampler:
                        pm_is_its_vms=self._pm_is_its_vms)
 
 
-def _tool(argv: list[str]) -> str:
+def local_tool(argv: list[str]) -> str:
+    """Tool: argv as a subprocess of the LC, on its own PM."""
     return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=TOOL_TIMEOUT_S).stdout
+
+
+def ssh_tool(remote: Remote) -> Tool:
+    """Tool: argv on the PM over SSH (`testbed.drivers.ssh.Remote`), its failures as OSError so
+    that a reading fails the way a local one does (a VM reader answers no VMs, a sampler stalls)."""
+    import paramiko
+
+    from testbed.drivers.ssh import RemoteError
+
+    def run(argv: list[str]) -> str:
+        try:
+            return remote.run(argv, timeout_s=TOOL_TIMEOUT_S)
+        except (RemoteError, paramiko.SSHException, EOFError) as err:
+            raise OSError(f"{remote.target.address}: {err}") from err
+
+    return run
 
 
 def _answering(read: VmReader) -> VmReader:
@@ -329,57 +353,70 @@ def _answering(read: VmReader) -> VmReader:
 # (testbed.techniques); each takes the PM's Host, which only the container technique's needs.
 
 
-def libvirt_reader(host: Host) -> VmReader:
+def libvirt_reader(host: Host, tool: Tool) -> VmReader:
     """virsh (libvirt-clients, where the kvm technique is installed), read-only: the PM's venv
     has no libvirt binding, which is compiled against the host's libvirt."""
     argv = ["virsh", "-r", "-c", "qemu:///system", "domstats", "--list-running", "--cpu-total", "--vcpu"]
-    return lambda: libvirt_vms(_tool(argv))
+    return lambda: libvirt_vms(tool(argv))
 
 
-def openvz_reader(host: Host) -> VmReader:
-    ticks_per_s = os.sysconf("SC_CLK_TCK")
-    return lambda: openvz_vms(VESTAT.read_text(), _tool(["vzlist", "-a", "-n"]), ticks_per_s)
+def openvz_reader(host: Host, tool: Tool) -> VmReader:
+    ticks_per_s = clock_ticks(tool)
+    return lambda: openvz_vms(tool(["cat", str(VESTAT)]), tool(["vzlist", "-a", "-n"]), ticks_per_s)
 
 
-def container_reader(host: Host) -> VmReader:
+def container_reader(host: Host, tool: Tool) -> VmReader:
+    """The embedded lab's own cgroups, read where the LC runs (never over SSH)."""
     return lambda: cgroup_vms(host)
+
+
+def clock_ticks(tool: Tool) -> int:
+    """The PM's USER_HZ, what /proc/stat and /proc/vz/vestat count in."""
+    try:
+        return int(tool(["getconf", "CLK_TCK"]))
+    except (OSError, ValueError, subprocess.SubprocessError) as err:
+        raise ValueError(f"getconf CLK_TCK: {err}") from err
 
 
 #: `testbed manager lc --vm-cpu` of a PM whose VMs the LC does not see.
 NO_VMS = "none"
 
 
-def vm_reader(source: str, host: Host) -> VmReader:
-    """The reader of this PM's VMs (where the LC runs): those of technique `source` (the
-    inventory's testbed_technique, its reader named in the technique catalogue), or none."""
+def vm_reader(source: str, host: Host, tool: Tool = local_tool) -> VmReader:
+    """The reader of this PM's VMs: those of technique `source` (the inventory's
+    testbed_technique, its reader named in the technique catalogue), or none; its tools run
+    through `tool` (on the PM itself, or over SSH)."""
     if source == NO_VMS:
         return _answering(dict)
     readers = [name for name in REAL_LAB if technique(name).vm_cpu is not None]
     if source not in readers:
         raise ValueError(f"no VM CPU source for {source!r} (known: {', '.join((*readers, NO_VMS))})")
-    return _answering(technique(source).vm_cpu_reader(host))
+    return _answering(technique(source).vm_cpu_reader(host, tool))
 
 
 class ProcStatSampler:
     """A real PM: the machine's CPU from /proc/stat, each VM's from its technique's tools; with
     pm_cpu "vms" (PMs sharing one kernel) the PM's use is its VMs' (Reading.pm_is_its_vms)."""
 
-    def __init__(self, host: str, vms: VmReader, proc_stat: Path = PROC_STAT, pm_cpu: str = "machine") -> None:
+    def __init__(self, host: str, vms: VmReader, proc_stat: Path = PROC_STAT, pm_cpu: str = "machine",
+                 tool: Tool | None = None) -> None:
+        """`tool` None: the PM is this machine (`proc_stat` read here); else /proc/stat is read
+        through `tool` (an LC reaching its PM over SSH)."""
         if pm_cpu not in PM_CPU_SOURCES:
             raise ValueError(f"no PM CPU source {pm_cpu!r} (known: {', '.join(PM_CPU_SOURCES)})")
         self.host = host
         self._vms = vms
-        self._proc_stat = proc_stat
+        self._stat: Callable[[], str] = proc_stat.read_text if tool is None else lambda: tool(["cat", str(PROC_STAT)])
         self._pm_is_its_vms = pm_cpu == "vms"
-        self._ns_per_tick = NS_PER_S / os.sysconf("SC_CLK_TCK")
-        self.capacity = float(parse_proc_stat(proc_stat.read_text()).cpus)
+        self._ns_per_tick = NS_PER_S / (os.sysconf("SC_CLK_TCK") if tool is None else clock_ticks(tool))
+        self.capacity = float(parse_proc_stat(self._stat()).cpus)
 
     def vm_names(self) -> list[str]:
         return sorted(self._vms())
 
     def read(self) -> Reading:
         vms = self._vms()
-        stat = parse_proc_stat(self._proc_stat.read_text())
+        stat = parse_proc_stat(self._stat())
         return Reading(t=time.monotonic(), wall=time.time(), vms=vms,
                        host_usage_ns=round(stat.busy_ticks * self._ns_per_tick),
                        host_total_ns=round(stat.total_ticks * self._ns_per_tick),
