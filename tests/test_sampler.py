@@ -295,3 +295,21 @@ def test_a_xen_pm_whose_toolstack_fails_stops_its_samples_and_one_without_xen_is
         XenSampler("pm1", toolstack="xm")  # this machine has no xm
     argv = ["manager", "lc", "-i", str(REPO / "inventory/example-modern"), "--host", "pm1", "--vm-cpu", "xen"]
     assert main(argv) == 2  # one line, before the LC serves anything
+
+
+def test_a_xen_pms_toolstack_is_the_one_that_answers_on_the_pm() -> None:
+    """Without a toolstack named, the PM is asked (through the tool: an LC over SSH must not look
+    at its own PATH): xl, else xm (Xen 3.2)."""
+    import subprocess
+
+    calls: list[list[str]] = []
+
+    def xen_32(argv: list[str]) -> str:
+        calls.append(argv)
+        if argv[0] == "xl":
+            raise subprocess.CalledProcessError(127, argv, stderr="xl: not found")
+        return XL_INFO if argv[1] == "info" else XL_LIST
+
+    sampler = XenSampler("pm1", tool=xen_32)
+    assert sampler.capacity == 4.0 and sampler.vm_names() == ["linux", "win"]
+    assert calls == [["xl", "info"], ["xm", "info"], ["xm", "list"]]

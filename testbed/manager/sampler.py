@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -217,12 +216,12 @@ def parse_proc_stat(text: str) -> ProcStat:
 
 
 VmReader = Callable[[], dict[str, VmCounters]]
+"""The VMs on a real PM and their counters, as the technique's tools report them; {} when the
+tools do not answer (no VM is better than no sample: the CC balances on what it sees)."""
 #: Runs argv on the PM and returns its stdout; OSError or SubprocessError when it fails. An LC on
 #: its PM runs tools as subprocesses (`local_tool`); one on another host reaches the PM over SSH
 #: (`ssh_tool`: the 2010 profile's PMs cannot run the LC's Python).
 Tool = Callable[[list[str]], str]
-"""The VMs on a real PM and their counters, as the technique's tools report them; {} when the
-tools do not answer (no VM is better than no sample: the CC balances on what it sees)."""
 
 
 def parse_domstats(text: str) -> dict[str, dict[str, str]]:
@@ -283,19 +282,27 @@ class XenSampler:
     guest's is its own row. pm_cpu "vms": the guests' sum only."""
 
     def __init__(self, host: str, pm_cpu: str = "machine", toolstack: str | None = None,
-                 tool: Callable[[list[str]], str] | None = None) -> None:
+                 tool: Tool | None = None) -> None:
+        """`toolstack` None: xl, else xm (Xen 3.2, 2010), whichever answers `info` on the PM
+        (through `tool`: an LC over SSH must ask the PM, not look at its own PATH)."""
         if pm_cpu not in PM_CPU_SOURCES:
             raise ValueError(f"no PM CPU source {pm_cpu!r} (known: {', '.join(PM_CPU_SOURCES)})")
         from testbed.drivers.xen import physical_cpus
 
         self.host = host
-        self._toolstack = toolstack or ("xl" if shutil.which("xl") else "xm")  # xm: Xen 3.2 (2010)
         self._tool = tool or local_tool
         self._pm_is_its_vms = pm_cpu == "vms"
-        try:
-            self.capacity = float(physical_cpus(self._tool([self._toolstack, "info"])))
-        except (OSError, subprocess.SubprocessError) as err:
-            raise ValueError(f"{self._toolstack} info: {err} (is this PM running Xen?)") from err
+        failure: Exception | None = None
+        for candidate in (toolstack,) if toolstack else ("xl", "xm"):
+            try:
+                info = self._tool([candidate, "info"])
+            except (OSError, subprocess.SubprocessError) as err:
+                failure = err
+                continue
+            self._toolstack = candidate
+            self.capacity = float(physical_cpus(info))
+            return
+        raise ValueError(f"{candidate} info: {failure} (is this PM running Xen?)") from failure
 
     def _list(self) -> str:
         try:
