@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ from testbed.drivers.remote_base import RemoteDriverBase, stream_migration
 from testbed.techniques import check_compression
 
 VZMIGRATE = "/usr/local/sbin/vzmigrate-shared"
+#: The guest programs (synthetic1) the openvz role builds on every PM: a container's template has
+#: none, so each container gets a copy in its /usr/bin (on vzctl exec2's PATH) before it starts.
+GUEST_PROGRAMS = "/var/lib/testbed/workloads"
 #: vzmigrate's messages (bin/vzmigrate.in) -> the thesis' phase each one starts.
 PHASE_MARKERS = {
     "Syncing private": "first_rsync",
@@ -159,6 +163,11 @@ class OpenVZDriver(RemoteDriverBase):
         super().__init__(hosts, key_file, known_hosts)
         self.template, self.private_root = template, private_root
         self._ticks: dict[str, int] = {}
+        # One container created at a time per driver: a CTID is the lowest no PM uses, and the runner
+        # creates on every PM in parallel, so two creations at once took the same one, and a later
+        # migration between those PMs failed (the destination has that CTID already). Seen on the
+        # fake PMs (tests/test_openvz_fake_lab.py).
+        self._creating = threading.Lock()
 
     def _containers(self, host: str) -> list[Container]:
         return parse_vzlist(self.remote(host).run(["vzlist", "-a", "-n"]))
@@ -205,13 +214,16 @@ class OpenVZDriver(RemoteDriverBase):
         return CpuUse(interval_s, hosts, vms)
 
     def create_vm(self, spec: VMSpec, host: str) -> VMInfo:
-        ctid = self._free_ctid()
-        private = spec.disk or f"{self.private_root}/{host}/roots/{ctid}"
         remote = self.remote(host)
-        remote.run(
-            ["vzctl", "create", str(ctid), "--ostemplate", self.template, "--private", private],
-            timeout_s=1800,
-        )
+        with self._creating:
+            ctid = self._free_ctid()
+            private = spec.disk or f"{self.private_root}/{host}/roots/{ctid}"
+            remote.run(
+                ["vzctl", "create", str(ctid), "--ostemplate", self.template, "--private", private],
+                timeout_s=1800,
+            )
+        remote.run(["mkdir", "-p", f"{private}/usr/bin"])
+        remote.run(["cp", "-pR", f"{GUEST_PROGRAMS}/.", f"{private}/usr/bin/"])
         pages = spec.memory_mb * 256  # 4 KiB pages
         remote.run(
             [
