@@ -10,8 +10,9 @@ when used: importing the catalogue (as spec validation does) must not import eve
 its dependencies (QEMU's QMP client, paramiko, numpy).
 
 The catalogue is honest about what runs: `testbed run` drives the embedded lab's techniques (qemu,
-container) and, on a real lab whose PMs run it (`testbed_technique: kvm`), libvirt; the xen and
-openvz drivers exist and are tested on recorded outputs, but no runner wires them to a lab yet
+container) and, on a real lab whose PMs run it (`testbed_technique: kvm` or `openvz`), libvirt or
+OpenVZ (the latter proven on fake PMs only: real sshd, faked vzctl/vzlist/vzmigrate, tests/fakes/openvz);
+the xen driver exists and is tested on recorded outputs, but no runner wires it to a lab yet
 (issue #15), and `unrunnable` says so. A real lab's driver is made from its PMs and the SSH key
 and known hosts this machine (or a PM's Local Controller) reaches them with (`make_driver`).
 """
@@ -153,7 +154,7 @@ _ENTRIES = (
         name="openvz", label="OpenVZ", vm_noun="an OpenVZ container", driver="testbed.drivers.openvz:OpenVZDriver",
         default_mode="stopcopy", modes=("stopcopy",),  # vzmigrate --online: suspend, dump, copy, undump
         compressions=("none",),
-        vm_cpu="testbed.manager.sampler:openvz_reader", unrunnable=_REAL_LAB_ONLY,
+        vm_cpu="testbed.manager.sampler:openvz_reader",
     ),
     Technique(
         name="kvm", label="libvirt/KVM", vm_noun="a libvirt domain", driver="testbed.drivers.libvirt:LibvirtDriver",
@@ -211,7 +212,7 @@ def make_driver(name: str, hosts: Iterable[Host], *, key_file: Path | None = Non
     its driver (the LCs and the runner both make theirs here, so both sides agree on a technique).
     The embedded lab's drivers are made from the PMs alone; a real lab's runnable ones (REAL_RUNNABLE)
     from the PMs and the SSH key (and known_hosts: None, the user's) they are reached with as root.
-    ValueError for any other (xen, openvz: their runner is not wired yet)."""
+    ValueError for any other (xen: its runner is not wired yet)."""
     entry = CATALOGUE.get(name)
     if entry is not None and entry.embedded:
         return entry.driver_class()(list(hosts))
