@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import shlex
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,8 @@ from testbed.drivers.libvirt import (
 )
 from testbed.drivers.openvz import (
     DOWNTIME_PHASES,
+    GUEST_PROGRAMS,
+    OpenVZDriver,
     cpu_between,
     parse_cpu_sample,
     parse_vestat,
@@ -171,6 +175,50 @@ def test_openvz_cpu_between_two_reads() -> None:
     # 2 s at 100 ticks/s on a 4-CPU PM: 600 busy ticks = 3 CPUs = 75 %.
     assert host_load == pytest.approx(75.0)
     assert loads == pytest.approx({302: 50.0, 301: 25.0})
+
+
+class VzPm:
+    """A PM's vzctl and vzlist as the driver calls them: a creation is recorded only once
+    `vzctl create` has run a while (a template to unpack), and every command is kept."""
+
+    def __init__(self, name: str, creating_s: float = 0.2) -> None:
+        self.name, self.creating_s = name, creating_s
+        self.containers: dict[int, str] = {}
+        self.commands: list[list[str]] = []
+
+    def run(self, argv: list[str], timeout_s: float = 60.0, check: bool = True, stdin: bytes | None = None) -> str:
+        self.commands.append(list(argv))
+        if argv[:1] == ["vzlist"]:
+            rows = [f"{ctid} 1 running - {name}" for ctid, name in self.containers.items()]
+            return "\n".join(["CTID NPROC STATUS IP_ADDR NAME", *rows]) + "\n"
+        if argv[:2] == ["vzctl", "create"]:
+            time.sleep(self.creating_s)
+            self.containers[int(argv[2])] = "-"
+        if argv[:2] == ["vzctl", "set"]:
+            self.containers[int(argv[2])] = argv[argv.index("--name") + 1]
+        return ""
+
+
+def test_openvz_containers_created_at_once_on_two_pms_get_distinct_ctids_and_the_guest_programs() -> None:
+    """The runner creates on every PM in parallel; CTIDs are the lowest free lab-wide, so a second
+    creation must see the first (else both take 101, and a migration between them fails on the
+    destination, which has 101 already). Each container gets the PM's guest programs before it starts."""
+    driver = OpenVZDriver([PM, Host("pm2", "192.168.10.12", 4.0, 4)], Path("/k"))
+    pms = {name: VzPm(name) for name in ("pm1", "pm2")}
+    driver._remotes = pms  # type: ignore[assignment]
+    threads = [threading.Thread(target=driver.create_vm, args=(VMSpec(f"vm{i}"), pm))
+               for i, pm in enumerate(pms, start=1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert sorted((*pms["pm1"].containers, *pms["pm2"].containers)) == [101, 102]
+    for pm in pms.values():
+        (ctid,) = pm.containers
+        private = f"/var/lib/testbed/shared/{pm.name}/roots/{ctid}"
+        vz = [c[:2] for c in pm.commands if c[0] != "vzlist"]
+        assert vz == [["vzctl", "create"], ["mkdir", "-p"], ["cp", "-pR"], ["vzctl", "set"], ["vzctl", "start"]]
+        assert ["cp", "-pR", f"{GUEST_PROGRAMS}/.", f"{private}/usr/bin/"] in pm.commands
 
 
 def test_vzmigrate_phases_and_downtime() -> None:
