@@ -24,6 +24,7 @@ from testbed.commands import run as run_command
 from testbed.commands.manager import lc_techniques
 from testbed.drivers.base import CpuUse, Host, VMInfo, VMSpec, WorkloadRun
 from testbed.drivers.libvirt import LibvirtDriver
+from testbed.drivers.openvz import OpenVZDriver
 from testbed.drivers.ssh import SshTarget
 from testbed.errors import InputError
 from testbed.lab import DEFAULT_INVENTORY, load_lab
@@ -98,8 +99,13 @@ def test_each_lab_runs_its_own_techniques_only(kvm_lab, tmp_path: Path) -> None:
         refuse_off_lab(kvm_lab, ["qemu"], "exp1")
     xen = load_lab(real_inventory(tmp_path / "xen", testbed_technique="xen"))
     assert lab_techniques(xen) == ()
-    with pytest.raises(InputError, match=r"'xen' is not driven on a real lab yet \(`testbed run` drives kvm there\)"):
+    with pytest.raises(InputError, match=r"'xen' is not driven on a real lab yet \(`testbed run` drives openvz, kvm there\)"):
         refuse_off_lab(xen, ["xen"], "exp1")
+    openvz = load_lab(real_inventory(tmp_path / "openvz", testbed_technique="openvz"))
+    assert lab_techniques(openvz) == ("openvz",)
+    refuse_off_lab(openvz, ["openvz"], "exp1")
+    (driver,) = executor.make_drivers(openvz).values()
+    assert isinstance(driver, OpenVZDriver) and driver.remote("pm1").target.key_file == openvz.ssh_key
 
 
 def test_the_runners_driver_reaches_the_pms_with_the_inventorys_key(kvm_lab, tmp_path: Path) -> None:
