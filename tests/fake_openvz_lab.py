@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +42,7 @@ FAKES = REPO / "tests" / "fakes" / "openvz"
 BRIDGE = "tbfk0"
 NETWORK = "198.18.1.0/24"
 GATEWAY = "198.18.1.1"
-#: host -> last octet; the controller is 10, the PMs 11, 12, ...
-CONTROLLER = "fk-ctl"
+CONTROLLER = "fk-ctl"  # at 198.18.1.10, the PMs fk-pm1, fk-pm2, ... at .11, .12, ...
 LC_BASE_PORT = 7431  # the PMs' LCs on the controller: 7431, 7432, ...
 TOOLS = ("vzctl", "vzlist", "cat")
 START_WAIT_S = 30.0
@@ -52,6 +51,8 @@ CGROUP = Path("/sys/fs/cgroup")
 
 @dataclass(frozen=True)
 class FakeLab:
+    """A fake lab that is up: where its files are, how `testbed` reaches it."""
+
     root: Path
     inventory: Path
     key: Path
@@ -70,6 +71,8 @@ class FakeLab:
         }
 
     def testbed(self, *args: str) -> list[str]:
+        """argv of `testbed ARGS` on this checkout's code (the venv's console script imports the
+        checkout the venv was installed from, which need not be this one)."""
         return [sys.executable, "-c", "import sys; from testbed.cli import main; sys.exit(main())", *args]
 
     def records(self, pm: str) -> list[str]:
@@ -94,7 +97,7 @@ def _in_netns(host: str, argv: list[str]) -> list[str]:
     return ["nice", "-n", "19", "nsenter", f"--net=/run/netns/{_netns(host)}", *argv]
 
 
-def _wait(what: str, ready, timeout_s: float = START_WAIT_S) -> None:
+def _wait(what: str, ready: Callable[[], bool], timeout_s: float = START_WAIT_S) -> None:
     deadline = time.monotonic() + timeout_s
     while not ready():
         if time.monotonic() > deadline:
@@ -263,7 +266,9 @@ def _manager(lab: FakeLab) -> Iterator[None]:
     commands = {
         "cc": ["manager", "cc", *common, "--event-log", str(logs / "events.jsonl"), "--dry-run",
                "--interval", "2"],
-        **{pm: ["manager", "lc", *common, "--host", pm, "--over-ssh", "--vm-cpu", "openvz"] for pm in lab.pms},
+        # every 2 s: a reading is three commands over SSH on a busy machine (stale after 5 periods)
+        **{pm: ["manager", "lc", *common, "--host", pm, "--over-ssh", "--vm-cpu", "openvz", "--period", "2"]
+           for pm in lab.pms},
     }
     procs = []
     try:
