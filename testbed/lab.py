@@ -13,7 +13,8 @@ import ipaddress
 import math
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from testbed.errors import InputError
@@ -118,6 +119,9 @@ class Lab:
     technique: str | None = None
     #: Where a real PM's own CPU use comes from (PM_CPU_SOURCES, `testbed_pm_cpu`).
     pm_cpu: str = "machine"
+    #: The inventory's DRIVER_VARS that are set: what a real lab's driver needs beyond its PMs and
+    #: key (a Xen guest's kernel, image and addresses), read by the catalogue's `lab_options`.
+    driver_vars: Mapping[str, object] = field(default_factory=dict)
 
     @property
     def controller(self) -> LabHost:
@@ -185,6 +189,10 @@ _LAB_VARS = {
     "testbed_known_hosts": None,
     "ansible_ssh_private_key_file": None,
 }
+#: A real lab's driver settings (Lab.driver_vars): the Xen guests' kernel, image, toolstack and
+#: addresses (testbed.drivers.xen.lab_options says what each is).
+DRIVER_VARS = ("testbed_xen_kernel", "testbed_xen_ramdisk", "testbed_xen_image", "testbed_xen_toolstack",
+               "testbed_xen_guests")
 
 
 @dataclass(frozen=True)
@@ -224,7 +232,7 @@ def _read_inventory(path: Path) -> list[_RawHost]:
             host_vars = variables.get_vars(host=inventory.get_host(name), include_hostvars=False)
             templar = Templar(loader=loader, variables=host_vars)
             wanted = {}
-            for var, default in (_HOST_VARS | _LAB_VARS).items():
+            for var, default in (_HOST_VARS | _LAB_VARS | dict.fromkeys(DRIVER_VARS)).items():
                 try:
                     wanted[var] = templar.template(host_vars.get(var, default))
                 except AnsibleError as err:
@@ -283,6 +291,7 @@ def _validate(path: Path, raw: list[_RawHost], cores: float) -> Lab:
         known_hosts_file=_path(first["testbed_known_hosts"]),
         technique=None if embedded or first["testbed_technique"] is None else str(first["testbed_technique"]),
         pm_cpu=pm_cpu,
+        driver_vars={var: first[var] for var in DRIVER_VARS if first[var] is not None},
     )
 
 

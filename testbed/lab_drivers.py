@@ -3,8 +3,8 @@
 The embedded lab runs its own techniques (qemu and container, `techniques.EMBEDDED`), every one
 at once: their drivers are made from the PMs alone. A real lab runs the one technique its PMs
 were provisioned with (the inventory's `testbed_technique`), and `testbed run` drives it there
-only if the catalogue has a real-lab driver for it (`techniques.REAL_RUNNABLE`: kvm and openvz,
-their toolstacks over SSH). That driver reaches the PMs as root over SSH, so it is made with a key and the PMs'
+only if the catalogue has a real-lab driver for it (`techniques.REAL_RUNNABLE`: kvm, openvz and
+xen, their toolstacks over SSH, with what else the inventory tells the driver: `driver_options`). That driver reaches the PMs as root over SSH, so it is made with a key and the PMs'
 known host keys: on Ansible's machine (the runner) the inventory's own
 (`ansible_ssh_private_key_file`, `testbed_known_hosts`: `Lab.ssh_key`, `Lab.known_hosts`); on a PM
 (its Local Controller) the PM's root key, which the libvirt role authorizes on every PM (itself
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from testbed.errors import InputError
-from testbed.techniques import EMBEDDED, REAL_RUNNABLE, make_driver
+from testbed.techniques import EMBEDDED, REAL_RUNNABLE, make_driver, technique
 
 if TYPE_CHECKING:
     from testbed.drivers.base import Driver
@@ -65,4 +65,5 @@ def lab_drivers(lab: Lab, techniques: Sequence[str] | None = None, *, key_file: 
         return {name: make_driver(name, hosts) for name in names}
     key = key_file or lab.ssh_key
     known = known_hosts if key_file is not None else known_hosts or lab.known_hosts
-    return {name: make_driver(name, hosts, key_file=key, known_hosts=known) for name in names}
+    return {name: make_driver(name, hosts, key_file=key, known_hosts=known,
+                              options=technique(name).driver_options(lab)) for name in names}

@@ -10,11 +10,11 @@ when used: importing the catalogue (as spec validation does) must not import eve
 its dependencies (QEMU's QMP client, paramiko, numpy).
 
 The catalogue is honest about what runs: `testbed run` drives the embedded lab's techniques (qemu,
-container) and, on a real lab whose PMs run it (`testbed_technique: kvm` or `openvz`), libvirt or
-OpenVZ (the latter proven on fake PMs only: real sshd, faked vzctl/vzlist/vzmigrate, tests/fakes/openvz);
-the xen driver exists and is tested on recorded outputs, but no runner wires it to a lab yet
-(issue #15), and `unrunnable` says so. A real lab's driver is made from its PMs and the SSH key
-and known hosts this machine (or a PM's Local Controller) reaches them with (`make_driver`).
+container) and, on a real lab whose PMs run it (`testbed_technique: kvm`, `openvz` or `xen`), libvirt,
+OpenVZ or Xen (the latter two proven on fake PMs only: real sshd, their toolstacks faked,
+tests/fakes/openvz and tests/fakes/xen). A real lab's driver is made from its PMs, the SSH key
+and known hosts this machine (or a PM's Local Controller) reaches them with, and what else the
+inventory tells it (`lab_options`: Xen's guest kernel, image and addresses) (`make_driver`).
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from testbed.errors import InputError
 if TYPE_CHECKING:
     import argparse
 
+    from testbed.lab import Lab
+
 MODES = tuple(mode.value for mode in MigrationMode)
 #: Every compression a migration may be asked for ("none": uncompressed).
 COMPRESSIONS = ("none", "bzip2", "zstd", "zlib")
-_REAL_LAB_ONLY = ("its driver needs the real lab's guest images and guest addresses, which no runner "
-                  "wires to it yet (issue #15)")
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,9 @@ class Technique:
     kernel_mb_per_job: int | None = None
     services: bool = False  # its VMs run the study's server apps (apache2, postgres)
     bench: str | None = None  # "module:function" of its `testbed bench migration` on the embedded lab
+    #: "module:function" giving a real lab's driver its keyword arguments from the Lab (the
+    #: inventory's settings); None: its driver needs the PMs and the key only.
+    lab_options: str | None = None
 
     @property
     def runnable(self) -> bool:
@@ -92,6 +95,11 @@ class Technique:
         if self.pm_sampler is None:
             raise ValueError(f"technique {self.name!r} is sampled from /proc/stat and its VM CPU reader")
         return _resolve(self.pm_sampler)(host, pm_cpu=pm_cpu, tool=tool)
+
+    def driver_options(self, lab: Lab) -> dict[str, Any]:
+        """Its real-lab driver's keyword arguments from `lab` beyond the PMs and key (InputError,
+        before any host is touched, for a setting the lab lacks)."""
+        return {} if self.lab_options is None else _resolve(self.lab_options)(lab)
 
     def run_bench(self, args: argparse.Namespace) -> int:
         """Its `testbed bench migration` (only techniques in BENCHED have one)."""
@@ -148,7 +156,7 @@ _ENTRIES = (
         name="xen", label="Xen", vm_noun="a Xen domain", driver="testbed.drivers.xen:XenDriver",
         default_mode="precopy", modes=("precopy", "stopcopy"),  # stop-and-copy with xm (Xen 3.2) only
         compressions=("none",),
-        pm_sampler="testbed.manager.sampler:XenSampler", unrunnable=_REAL_LAB_ONLY,
+        pm_sampler="testbed.manager.sampler:XenSampler", lab_options="testbed.drivers.xen:lab_options",
     ),
     Technique(
         name="openvz", label="OpenVZ", vm_noun="an OpenVZ container", driver="testbed.drivers.openvz:OpenVZDriver",
@@ -207,12 +215,12 @@ def check_compression(name: str, compression: str | None, mode: str | None) -> N
 
 
 def make_driver(name: str, hosts: Iterable[Host], *, key_file: Path | None = None,
-                known_hosts: Path | None = None) -> Driver:
+                known_hosts: Path | None = None, options: Mapping[str, Any] | None = None) -> Driver:
     """The driver of technique `name` over the PMs `hosts`, the one place that maps a technique to
     its driver (the LCs and the runner both make theirs here, so both sides agree on a technique).
     The embedded lab's drivers are made from the PMs alone; a real lab's runnable ones (REAL_RUNNABLE)
-    from the PMs and the SSH key (and known_hosts: None, the user's) they are reached with as root.
-    ValueError for any other (xen: its runner is not wired yet)."""
+    from the PMs, the SSH key (and known_hosts: None, the user's) they are reached with as root and
+    `options` (the technique's `driver_options` of the lab). ValueError for any other."""
     entry = CATALOGUE.get(name)
     if entry is not None and entry.embedded:
         return entry.driver_class()(list(hosts))
@@ -220,4 +228,4 @@ def make_driver(name: str, hosts: Iterable[Host], *, key_file: Path | None = Non
         raise ValueError(f"technique {name!r} has no driver here (available: {', '.join(EMBEDDED + REAL_RUNNABLE)})")
     if key_file is None:
         raise ValueError(f"technique {name!r}: its driver reaches the PMs over SSH and needs a key file")
-    return entry.driver_class()(list(hosts), key_file, known_hosts=known_hosts)
+    return entry.driver_class()(list(hosts), key_file, known_hosts=known_hosts, **(options or {}))

@@ -98,9 +98,8 @@ def test_each_lab_runs_its_own_techniques_only(kvm_lab, tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"'qemu' does not run on .*, whose PMs run kvm \(testbed_technique"):
         refuse_off_lab(kvm_lab, ["qemu"], "exp1")
     xen = load_lab(real_inventory(tmp_path / "xen", testbed_technique="xen"))
-    assert lab_techniques(xen) == ()
-    with pytest.raises(InputError, match=r"'xen' is not driven on a real lab yet \(`testbed run` drives openvz, kvm there\)"):
-        refuse_off_lab(xen, ["xen"], "exp1")
+    assert lab_techniques(xen) == ("xen",)
+    refuse_off_lab(xen, ["xen"], "exp1")
     openvz = load_lab(real_inventory(tmp_path / "openvz", testbed_technique="openvz"))
     assert lab_techniques(openvz) == ("openvz",)
     refuse_off_lab(openvz, ["openvz"], "exp1")
@@ -391,3 +390,49 @@ def test_a_kvm_pms_local_controller_starts_from_the_inventory_and_samples_its_vm
     finally:
         lc.terminate()
         lc.communicate(timeout=30)
+
+
+def test_a_xen_labs_driver_gets_its_guests_kernel_image_and_addresses_from_the_inventory(tmp_path: Path) -> None:
+    """The driver hands each guest its inventory address on the kernel's command line and
+    reaches it from its PM with the PM's root key; a missing or misplaced setting is refused
+    with the inventory before any host is touched."""
+    from testbed.drivers.base import VMSpec
+    from testbed.drivers.xen import XenDriver
+
+    guests = {"vm1": "198.18.0.101", "vm2": "198.18.0.102"}
+    xen = load_lab(real_inventory(tmp_path / "xen", testbed_technique="xen", testbed_xen_kernel="/boot/guest",
+                                  testbed_xen_image="/srv/guest.img", testbed_xen_guests=guests))
+    (driver,) = executor.make_drivers(xen).values()
+    assert isinstance(driver, XenDriver) and driver.guest_addresses == guests and driver.toolstack == "xl"
+    assert driver.guest_argv("vm2", ["true"])[:3] == ["ssh", "-i", str(PM_ROOT_KEY)]
+    assert "root@198.18.0.102" in driver.guest_argv("vm2", ["true"])
+    written = {}
+    calls = []
+
+    class FakeRemote:
+        def run(self, argv, timeout_s=60.0):
+            calls.append(argv)
+            return ""
+
+        def write_file(self, path, data):
+            written[path] = data.decode()
+
+    driver._remotes["pm1"] = FakeRemote()
+    driver.create_vm(VMSpec("vm1", 128, 1), "pm1")
+    disk = "/var/lib/testbed/shared/pm1/disks/vm1.img"
+    assert ["cp", "--sparse=always", "/srv/guest.img", disk] in calls
+    config = written["/etc/xen/testbed/vm1.cfg"]
+    assert 'kernel = "/boot/guest"' in config and f'"file:{disk},xvda,w"' in config
+    assert "ip=198.18.0.101::255.255.255.0::eth0:off" in config
+    with pytest.raises(ValueError, match="'vm3': no guest address"):
+        driver.create_vm(VMSpec("vm3", 128, 1), "pm1")
+    for settings, message in [
+        ({"testbed_xen_guests": guests}, "testbed_xen_kernel: not set"),
+        ({"testbed_xen_kernel": "/k", "testbed_xen_image": "/i", "testbed_xen_guests": {"vm1": "10.0.0.1"}},
+         r"testbed_xen_guests: vm1: '10.0.0.1' is not a free address of 198.18.0.0/24"),
+        ({"testbed_xen_kernel": "/k", "testbed_xen_image": "/i", "testbed_xen_guests": {"vm1": ADDRESSES["pm1"]}},
+         "is not a free address"),
+    ]:
+        bad = load_lab(real_inventory(tmp_path / f"bad{len(message)}", testbed_technique="xen", **settings))
+        with pytest.raises(InputError, match=message):
+            executor.make_drivers(bad)

@@ -82,11 +82,10 @@ def test_every_entry_is_consistent_and_names_its_driver() -> None:
     assert typing.get_args(Technique) == SPEC_NAMES
 
 
-def test_the_embedded_techniques_libvirt_and_openvz_are_runnable_and_the_others_say_why() -> None:
+def test_the_embedded_techniques_xen_libvirt_and_openvz_are_runnable_and_the_simulator_says_why() -> None:
     assert EMBEDDED == BENCHED == ("qemu", "container")
-    assert REAL_RUNNABLE == ("openvz", "kvm") and RUNNABLE == (*EMBEDDED, *REAL_RUNNABLE)
+    assert REAL_RUNNABLE == ("xen", "openvz", "kvm") and RUNNABLE == (*EMBEDDED, *REAL_RUNNABLE)
     assert set(REAL_RUNNABLE) <= set(REAL_LAB) <= set(SPEC_NAMES)  # a real lab's own; in specs
-    assert "issue #15" in technique("xen").unrunnable
     assert "testbed sim run" in technique(SIMULATOR).unrunnable
 
 
@@ -111,10 +110,10 @@ def test_an_unknown_technique_is_an_input_error_naming_the_known_ones() -> None:
 def test_the_runners_refuse_what_the_catalogue_cannot_run_before_any_host(runner) -> None:
     change = {"kind": "migration", "vms": 1, "matrix": {"layout": [[1, 0, 0]], "migration": [True]}} \
         if runner is migration_study else {}
-    spec = parse_spec(BASE | {"techniques": ["qemu", "xen"]} | change)
-    with pytest.raises(InputError, match=r"techniques: 'xen' is not run by .* yet: its driver needs the real lab's "
-                                         r"guest images.*\(available: qemu, container, openvz, kvm; use --technique\)"):
-        runner.supported(spec, ["xen"])
+    spec = parse_spec(BASE | {"techniques": [SIMULATOR]} | change)
+    with pytest.raises(InputError, match=r"techniques: 'sim' is not run by .* yet: it is simulated: `testbed sim run "
+                                         r"SPEC`.*\(available: qemu, container, xen, openvz, kvm; use --technique\)"):
+        runner.supported(spec, [SIMULATOR])
 
 
 @pytest.mark.parametrize(

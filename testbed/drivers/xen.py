@@ -7,6 +7,14 @@ of its own samples, so the driver asks for two iterations `interval` seconds apa
 second; its NAME column is the first 10 characters of the domain name (`%10.10s`), matched back
 to the full names `xl list` gives.
 
+A guest is reached by SSH from its PM (SshGuestDriverBase) at the address the inventory gives it
+(`testbed_xen_guests`: VM name -> address in the lab network, `lab_options`); the driver hands
+that address to the guest's kernel on its command line (`ip=`, the kernel's own IP
+autoconfiguration), so the guest image needs no per-VM network setup: it must boot the
+inventory's kernel (`testbed_xen_kernel`, a path on the PMs), bring up sshd authorizing the PMs'
+root key and ship the guest programs (synthetic1) in its PATH. Each VM's disk is a copy of that
+image (`testbed_xen_image`) made at its creation on the lab-wide share.
+
 Migration is the toolstack's: pre-copy (`xl migrate`, `xm migrate --live`) or, on xm only,
 stop-and-copy (`xm migrate` without --live). Xen has no post-copy. Disks live on the lab-wide
 share paths (vm_storage), so migration moves memory only, as in the thesis.
@@ -14,16 +22,23 @@ share paths (vm_storage), so migration moves memory only, as in the thesis.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
 
 from testbed.drivers.base import CpuUse, Host, MigrationMode, MigrationOrder, MigrationRecord, VMInfo, VMSpec
-from testbed.drivers.remote_base import SshGuestDriverBase, stream_migration
+from testbed.drivers.remote_base import SshGuestDriverBase, ssh_guest_argv, stream_migration
 from testbed.drivers.ssh import RemoteError
+from testbed.errors import InputError
+from testbed.lab_drivers import PM_ROOT_KEY
 from testbed.techniques import check_compression
+
+if TYPE_CHECKING:
+    from testbed.lab import Lab
 
 DOM0 = "Domain-0"
 XENTOP_NAME_WIDTH = 10  # xentop prints names with "%10.10s"
@@ -157,6 +172,45 @@ def domain_config(
     return "".join(f"{key} = {value}\n" for key, value in lines.items())
 
 
+def kernel_ip(address: str, network: str) -> str:
+    """The kernel's `ip=` parameter giving a guest its static address on the lab network (no
+    gateway: the guest talks to its PM and the lab only): client-ip::gw:netmask::device:autoconf."""
+    return f"ip={address}::{ipaddress.ip_network(network).netmask}::eth0:off"
+
+
+def lab_options(lab: Lab) -> dict[str, Any]:
+    """The driver's settings from a Xen lab's inventory (InputError naming the variable, before
+    any host is touched): the guests' kernel (testbed_xen_kernel, required), ramdisk
+    (testbed_xen_ramdisk), image (testbed_xen_image, required), toolstack (testbed_xen_toolstack:
+    xl, the default, or xm on Xen 3.2) and addresses (testbed_xen_guests: VM name -> address in
+    testbed_lab_network, one per VM a spec creates)."""
+    where = f"inventory {lab.inventory}"
+    settings = lab.driver_vars
+    for var in ("testbed_xen_kernel", "testbed_xen_image", "testbed_xen_guests"):
+        if not settings.get(var):
+            raise InputError(f"{where}: {var}: not set (a Xen lab's guests need it; docs/real-labs.md)")
+    guests = settings["testbed_xen_guests"]
+    if not isinstance(guests, Mapping):
+        raise InputError(f"{where}: testbed_xen_guests: a mapping of VM name to address, not {guests!r}")
+    network = ipaddress.ip_network(lab.network)
+    taken = {h.address for h in lab.hosts} | {lab.gateway}
+    for vm, address in guests.items():
+        try:
+            inside = ipaddress.ip_address(str(address)) in network
+        except ValueError:
+            inside = False
+        if not inside or str(address) in taken:
+            raise InputError(f"{where}: testbed_xen_guests: {vm}: {address!r} is not a free address of {network}")
+    return {
+        "toolstack": str(settings.get("testbed_xen_toolstack", "xl")),
+        "kernel": str(settings["testbed_xen_kernel"]),
+        "ramdisk": settings.get("testbed_xen_ramdisk"),
+        "image": str(settings["testbed_xen_image"]),
+        "guest_addresses": {str(vm): str(address) for vm, address in guests.items()},
+        "guest_network": lab.network,
+    }
+
+
 def cpu_from_xentop(
     frame: Sequence[XentopRow], names: Sequence[str], host: Host
 ) -> tuple[float, dict[str, float]]:
@@ -184,12 +238,23 @@ class XenDriver(SshGuestDriverBase):
         bridge: str = "xenbr0",
         guest_addresses: Mapping[str, str] | None = None,
         known_hosts: Path | None = None,
+        image: str | None = None,
+        guest_network: str | None = None,
     ) -> None:
+        """`image`: the guest image each VM's disk is copied from at its creation (None: the disk
+        is the spec's, or already there); `guest_network`: the network of `guest_addresses`, each
+        given to its guest's kernel (`kernel_ip`; None: the guests configure their own)."""
         if toolstack not in ("xl", "xm"):
             raise ValueError(f"toolstack must be xl or xm, not {toolstack!r}")
         super().__init__(hosts, key_file, guest_addresses, known_hosts)
         self.toolstack = toolstack
         self.kernel, self.ramdisk, self.disk_dir, self.bridge = kernel, ramdisk, disk_dir, bridge
+        self.image, self.guest_network = image, guest_network
+
+    def guest_argv(self, vm: str, argv: Sequence[str]) -> list[str]:
+        """SSH from the PM to the guest with the PM's root key (the inventory's key path is this
+        machine's, not the PM's), which the guest image authorizes."""
+        return ssh_guest_argv(self.guest_addresses[vm], str(PM_ROOT_KEY), argv)
 
     def _domains(self, host: str) -> list[XenDomain]:
         return [d for d in parse_xl_list(self.remote(host).run([self.toolstack, "list"])) if d.name != DOM0]
@@ -231,11 +296,19 @@ class XenDriver(SshGuestDriverBase):
             raise ValueError(
                 f"Xen VM name {spec.name!r}: 1-10 of [A-Za-z0-9_.-] (xentop shows 10 characters)"
             )
+        extra = {}
+        if self.guest_network is not None:
+            if spec.name not in self.guest_addresses:
+                raise ValueError(f"Xen VM {spec.name!r}: no guest address (the inventory's testbed_xen_guests)")
+            extra["extra"] = f"root=/dev/xvda ro console=hvc0 {kernel_ip(self.guest_addresses[spec.name], self.guest_network)}"
         disk = spec.disk or f"{self.disk_dir}/{host}/disks/{spec.name}.img"
         remote = self.remote(host)
+        if self.image is not None:  # a fresh disk: nothing of an earlier run's guest is left on it
+            remote.run(["mkdir", "-p", str(PurePosixPath(disk).parent)])
+            remote.run(["cp", "--sparse=always", self.image, disk], timeout_s=600)
         remote.run(["mkdir", "-p", CONFIG_DIR])
         path = f"{CONFIG_DIR}/{spec.name}.cfg"
-        remote.write_file(path, domain_config(spec, self.kernel, self.ramdisk, disk, self.bridge).encode())
+        remote.write_file(path, domain_config(spec, self.kernel, self.ramdisk, disk, self.bridge, **extra).encode())
         remote.run([self.toolstack, "create", path])
         return self.created(spec, host)
 
