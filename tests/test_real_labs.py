@@ -12,10 +12,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 
 import pytest
+from run_checks import SMALL_EXP1, check_cc_moves, check_runs
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -512,17 +512,10 @@ EXP1 = REPO / "experiments" / "exp1.yml"
 #: with migration, one repetition. The 4 guests share this 2-core machine (~0.5 core each), so
 #: Synthetic1 at scale 0.8 (14,400 blocks) runs for about a minute: time for the CC (5 s rounds)
 #: to order a move from tr-pm1 (3 VMs) to tr-pm2 (1 VM) and for it to end (~3 s) while they run.
-KVM_EXP1 = {
+KVM_EXP1 = SMALL_EXP1 | {
     "name": "exp1-kvm",
     "techniques": ["kvm"],
-    "instances": 1,
-    "vms": 4,
-    "pms": 2,
-    "memory_mb": 128,
-    "vcpus": 1,
-    "matrix": {"layout": ["unbalanced"], "migration": [False, True]},
     "balancer": {"policy": "assign-u", "interval_s": 5, "cooldown_s": 30},
-    "repetitions": 1,
     "scale": 0.8,
 }
 
@@ -539,7 +532,6 @@ def test_testbed_run_drives_exp1_on_libvirt_test_hosts_with_a_cc_ordered_live_mi
     VMs' sum: the test hosts share this machine's /proc/stat) and the CC orders `virsh migrate
     --live`, which tr-pm1's LC runs; the token is the one tr-ctl holds, read over SSH. Then the
     CSVs, `testbed plot` and `testbed report` as on the embedded lab."""
-    import json
 
     from testbed.lab import load_lab
     from testbed.manager.tokens import lab_token
@@ -581,18 +573,8 @@ def test_testbed_run_drives_exp1_on_libvirt_test_hosts_with_a_cc_ordered_live_mi
             timeout=1500,
         )
         measured = time.monotonic()
-        for row in read_table(results, "runs") if (results / "runs.csv").exists() else []:
-            if row["status"] != "ok":  # the campaign replaced it with another repetition; say why
-                details = json.loads((results / "runs" / f"{row['run_id']}.json").read_text())
-                print(row["run_id"], row["status"], details.get("error"), details.get("gate"))
-        assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-4000:]
-
-        runs = [r for r in read_table(results, "runs") if r["status"] == "ok"]
-        assert {r["technique"] for r in runs} == {"kvm"}
-        assert sorted((r["layout"], r["migration"]) for r in runs) == [("unbalanced", "false"), ("unbalanced", "true")]
+        runs, times = check_runs(results, ran, "kvm", 4)
         ok = {r["run_id"] for r in runs}
-        times = [t for t in read_table(results, "vm_times") if t["run_id"] in ok]
-        assert len(times) == 2 * 4 and all(float(t["exec_time_s"]) > 0 for t in times), times
         moves = [m for m in read_table(results, "migrations") if m["run_id"] in ok]
         for m in moves:
             print(m["run_id"], m["vm"], m["source"], m["destination"], m["mode"], m["status"], m["total_time_s"],
@@ -602,18 +584,8 @@ def test_testbed_run_drives_exp1_on_libvirt_test_hosts_with_a_cc_ordered_live_mi
         completed = [m for m in moves if m["status"] == "completed"]
         assert completed and {m["mode"] for m in completed} == {"precopy"}, moves
         assert all(m["source"] in pms and m["destination"] in pms and int(m["bytes"]) > 0 for m in completed)
-        # the domains really moved: each moved VM's migrations chain from where the layout put it (each
-        # one run by the LC of the PM virsh found it on, so a move that did not happen breaks the chain)
-        # to where virsh lists it at the end; a VM may come back (CI once saw vm1 go to tr-pm2 and back)
-        in_order = sorted(completed, key=lambda m: datetime.fromisoformat(m["started_at"]))  # ISO 8601 in the store
-        hosts = {t["vm"]: (t["start_host"], t["end_host"]) for t in times if t["run_id"] == mig}
-        for vm in {m["vm"] for m in in_order}:
-            chain = [m for m in in_order if m["vm"] == vm]
-            assert [m["source"] for m in chain] == [hosts[vm][0], *(m["destination"] for m in chain[:-1])], chain
-            assert chain[-1]["destination"] == hosts[vm][1], (chain, times)
-        details = json.loads((results / "runs" / f"{mig}.json").read_text())
-        assert any(r["action"] == "migrate" and r["order"] for r in details["manager_rounds"]), details
-        assert details["manager_config"]["dry_run"] is False
+        # the domains really moved (CI once saw vm1 go to tr-pm2 and back)
+        check_cc_moves(results, completed, times, mig)
         samples = read_table(results, "cpu_samples")
         for r in runs:
             assert {s["host"] for s in samples if s["run_id"] == r["run_id"]} == set(pms)
