@@ -75,7 +75,9 @@ def test_every_technique_has_its_driver_and_the_runner_uses_them() -> None:
     hosts = [Host("pm1", "198.18.0.11", 0.6, 4)]
     assert isinstance(make_driver("qemu", hosts), QemuDriver)
     assert isinstance(make_driver("container", hosts), ContainerDriver)
-    with pytest.raises(ValueError, match="'xen' has no driver here"):
+    with pytest.raises(ValueError, match="'sim' has no driver here"):
+        make_driver("sim", hosts)
+    with pytest.raises(ValueError, match="'xen': its driver reaches the PMs over SSH and needs a key file"):
         make_driver("xen", hosts)
     assert set(EMBEDDED) <= set(RUNNABLE)
     drivers = executor.make_drivers(load_lab(DEFAULT_INVENTORY))

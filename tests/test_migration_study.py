@@ -135,7 +135,7 @@ def test_study_runs_its_own_apps_and_the_programs_the_vms_have(app: str, monkeyp
         ({"kind": "balancing", "matrix": {"layout": [[1, 0, 0]]}}, ["qemu"], "kind: the migration study runs"),
         ({"vms": 2, "matrix": {"layout": [[2, 0, 0]], "migration": [True]}}, ["qemu"],
          "vms: the migration study moves one VM per run"),
-        ({"techniques": ["container", "xen"]}, ["xen"], "techniques: 'xen' is not run by the migration study"),
+        ({"techniques": ["sim"]}, ["sim"], "techniques: 'sim' is not run by the migration study"),
         ({"app": "allocator", "memory_mb": 128}, ["qemu"], "memory_mb: .* QEMU guest keeps ~96 MB .* >= 192"),
     ],
 )
