@@ -4,8 +4,9 @@ The embedded lab runs its own techniques (qemu and container, `techniques.EMBEDD
 at once: their drivers are made from the PMs alone. A real lab runs the one technique its PMs
 were provisioned with (the inventory's `testbed_technique`), and `testbed run` drives it there
 only if the catalogue has a real-lab driver for it (`techniques.REAL_RUNNABLE`: kvm, openvz and
-xen, their toolstacks over SSH, with what else the inventory tells the driver: `driver_options`). That driver reaches the PMs as root over SSH, so it is made with a key and the PMs'
-known host keys: on Ansible's machine (the runner) the inventory's own
+xen, their toolstacks over SSH, with what else the inventory tells the driver: the catalogue's
+`driver_options`). That driver reaches the PMs as root over SSH, so it is made with a key and the
+PMs' known host keys: on Ansible's machine (the runner) the inventory's own
 (`ansible_ssh_private_key_file`, `testbed_known_hosts`: `Lab.ssh_key`, `Lab.known_hosts`); on a PM
 (its Local Controller) the PM's root key, which the libvirt role authorizes on every PM (itself
 included) for peer-to-peer migration, and root's known_hosts, which the same role fills.

@@ -27,6 +27,7 @@ from testbed.drivers.base import (
     WorkloadRun,
 )
 from testbed.drivers.ssh import Remote, RemoteError, SshTarget
+from testbed.lab_drivers import PM_ROOT_KEY
 
 T = TypeVar("T")
 
@@ -133,8 +134,10 @@ class RemoteDriverBase:
 
 
 class SshGuestDriverBase(RemoteDriverBase):
-    """Full-system guests (Xen, KVM): a workload reaches its VM by SSH from the VM's PM, at the
-    guest's own address (`guest_addresses`: VM name -> address) with the lab key."""
+    """Full-system guests (Xen): a workload reaches its VM by SSH from the VM's PM, at the guest's
+    own address (`guest_addresses`: VM name -> address) with the PM's root key (the driver's
+    `key_file` is a path on the machine the driver runs on, not on the PM), which the guest
+    image authorizes."""
 
     def __init__(
         self,
@@ -147,7 +150,7 @@ class SshGuestDriverBase(RemoteDriverBase):
         self.guest_addresses = dict(guest_addresses or {})
 
     def guest_argv(self, vm: str, argv: Sequence[str]) -> list[str]:
-        return ssh_guest_argv(self.guest_addresses[vm], str(self.key_file), argv)
+        return ssh_guest_argv(self.guest_addresses[vm], str(PM_ROOT_KEY), argv)
 
 
 @dataclass

@@ -31,10 +31,9 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from testbed.drivers.base import CpuUse, Host, MigrationMode, MigrationOrder, MigrationRecord, VMInfo, VMSpec
-from testbed.drivers.remote_base import SshGuestDriverBase, ssh_guest_argv, stream_migration
+from testbed.drivers.remote_base import SshGuestDriverBase, stream_migration
 from testbed.drivers.ssh import RemoteError
 from testbed.errors import InputError
-from testbed.lab_drivers import PM_ROOT_KEY
 from testbed.techniques import check_compression
 
 if TYPE_CHECKING:
@@ -43,6 +42,7 @@ if TYPE_CHECKING:
 DOM0 = "Domain-0"
 XENTOP_NAME_WIDTH = 10  # xentop prints names with "%10.10s"
 CONFIG_DIR = "/etc/xen/testbed"
+GUEST_CMDLINE = "root=/dev/xvda ro console=hvc0"  # a guest's kernel line, its address added (kernel_ip)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,9}$")
 _XENTOP_ROW = re.compile(
     r"^\s*(?P<name>\S.*?)\s+(?P<state>[-dsbcpr]{6})\s+(?P<cpu_s>\d+)\s+(?P<cpu_pct>\d+\.\d)\s+"
@@ -153,7 +153,7 @@ def domain_config(
     ramdisk: str | None,
     disk: str,
     bridge: str,
-    extra: str = "root=/dev/xvda ro console=hvc0",
+    extra: str = GUEST_CMDLINE,
 ) -> str:
     """A paravirtualized domain's config, valid for both xl and xm (strings quoted as JSON,
     which both parsers read)."""
@@ -251,11 +251,6 @@ class XenDriver(SshGuestDriverBase):
         self.kernel, self.ramdisk, self.disk_dir, self.bridge = kernel, ramdisk, disk_dir, bridge
         self.image, self.guest_network = image, guest_network
 
-    def guest_argv(self, vm: str, argv: Sequence[str]) -> list[str]:
-        """SSH from the PM to the guest with the PM's root key (the inventory's key path is this
-        machine's, not the PM's), which the guest image authorizes."""
-        return ssh_guest_argv(self.guest_addresses[vm], str(PM_ROOT_KEY), argv)
-
     def _domains(self, host: str) -> list[XenDomain]:
         return [d for d in parse_xl_list(self.remote(host).run([self.toolstack, "list"])) if d.name != DOM0]
 
@@ -296,11 +291,11 @@ class XenDriver(SshGuestDriverBase):
             raise ValueError(
                 f"Xen VM name {spec.name!r}: 1-10 of [A-Za-z0-9_.-] (xentop shows 10 characters)"
             )
-        extra = {}
+        cmdline = GUEST_CMDLINE
         if self.guest_network is not None:
             if spec.name not in self.guest_addresses:
                 raise ValueError(f"Xen VM {spec.name!r}: no guest address (the inventory's testbed_xen_guests)")
-            extra["extra"] = f"root=/dev/xvda ro console=hvc0 {kernel_ip(self.guest_addresses[spec.name], self.guest_network)}"
+            cmdline += " " + kernel_ip(self.guest_addresses[spec.name], self.guest_network)
         disk = spec.disk or f"{self.disk_dir}/{host}/disks/{spec.name}.img"
         remote = self.remote(host)
         if self.image is not None:  # a fresh disk: nothing of an earlier run's guest is left on it
@@ -308,7 +303,7 @@ class XenDriver(SshGuestDriverBase):
             remote.run(["cp", "--sparse=always", self.image, disk], timeout_s=600)
         remote.run(["mkdir", "-p", CONFIG_DIR])
         path = f"{CONFIG_DIR}/{spec.name}.cfg"
-        remote.write_file(path, domain_config(spec, self.kernel, self.ramdisk, disk, self.bridge, **extra).encode())
+        remote.write_file(path, domain_config(spec, self.kernel, self.ramdisk, disk, self.bridge, cmdline).encode())
         remote.run([self.toolstack, "create", path])
         return self.created(spec, host)
 
