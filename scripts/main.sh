@@ -14,7 +14,7 @@ export PATH="$top/.venv/bin:$PATH"
 # lock held in TESTBED_LAB_LOCK and runs under it; so does this job when started by a holder (the
 # test suite's fresh-machine check).
 lock=$(python -c 'from testbed.lab import DEFAULT_INVENTORY; from testbed.runner.lock import lock_path
-print(lock_path(DEFAULT_INVENTORY))')
+print(lock_path(DEFAULT_INVENTORY, embedded=True))')
 if [ "${TESTBED_LAB_LOCK:-}" != "$lock" ]; then
     mkdir -p "$(dirname "$lock")"
     exec 9>>"$lock"

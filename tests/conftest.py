@@ -72,7 +72,7 @@ def _campaign_lock(lab: Lab) -> Iterator[None]:
     with ExitStack() as held:
         while True:
             try:
-                held.enter_context(campaign_lock(lab.inventory, f"pytest (pid {os.getpid()})"))
+                held.enter_context(campaign_lock(lab.inventory, f"pytest (pid {os.getpid()})", embedded=lab.embedded))
                 break
             except InputError as busy:
                 if time.monotonic() > deadline:

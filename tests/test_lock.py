@@ -16,7 +16,7 @@ HOLD = """
 import sys, time
 from pathlib import Path
 from testbed.runner.lock import HELD_ENV, campaign_lock, lock_path
-with campaign_lock(Path(sys.argv[1]), "exp1 -> results/x", Path(sys.argv[2])):
+with campaign_lock(Path(sys.argv[1]), "exp1 -> results/x", Path(sys.argv[2]), embedded=sys.argv[3:] == ["embedded"]):
     print("held", flush=True)
     time.sleep(60)
 """
@@ -54,3 +54,21 @@ def test_holding_another_labs_lock_inside_gives_the_outer_one_back(tmp_path: Pat
             assert os.environ[HELD_ENV] == str(lock_path(inner, locks))
         assert os.environ[HELD_ENV] == str(lock_path(outer, locks))
     assert HELD_ENV not in os.environ or os.environ[HELD_ENV] != str(lock_path(outer, locks))
+
+
+def test_two_checkouts_embedded_inventories_share_the_machines_one_lock(tmp_path: Path) -> None:
+    """Every checkout's inventory/local is the same embedded lab: a campaign from one refuses a
+    session from another; a real lab's inventory has its own lock."""
+    main, worktree, locks = tmp_path / "main" / "local", tmp_path / "wt" / "local", tmp_path / "locks"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(main), str(locks), "embedded"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(InputError, match=r"busy with another campaign .*exp1 -> results/x"), \
+                campaign_lock(worktree, "pytest", locks, embedded=True):
+            pass
+        with campaign_lock(worktree, "a real lab", locks):
+            assert lock_path(worktree, locks) != lock_path(main, locks, embedded=True)
+    finally:
+        holder.kill()
+        holder.wait()

@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"the Central Controller at {cc.url} does not answer ({type(err).__name__}); "
                          "is the lab up (testbed lab up)?") from None
     display = _Display()
-    with campaign_lock(lab.inventory, f"{spec.name} -> {results}"), ResultsStore(results) as store, display:
+    with campaign_lock(lab.inventory, f"{spec.name} -> {results}", embedded=lab.embedded), ResultsStore(results) as store, display:
         display.phase("gathering the hosts' facts")
         provenance = controller_provenance() | {
             "lab": lab_facts(lab),
