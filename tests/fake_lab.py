@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 from run_checks import SMALL_EXP1, check_cc_moves, check_runs
 
+from testbed.drivers import cgroups
 from testbed.lab import reachable
 from testbed.manager import CC_PORT
 from testbed.manager.api import ensure_token
@@ -422,18 +423,7 @@ def _remove_cgroups(parent: Path) -> None:
         for pid in (group / "cgroup.procs").read_text().split() if (group / "cgroup.procs").exists() else ():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    for group in sorted((p for p in parent.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [parent]:
-        while True:
-            try:
-                group.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+    cgroups.remove(parent, timeout_s=10)
 
 
 #: Exp. 1 at a fake lab's size (SMALL_EXP1). The 4 Synthetic1 share this machine's 2 cores
