@@ -72,3 +72,37 @@ def test_two_checkouts_embedded_inventories_share_the_machines_one_lock(tmp_path
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize("action", ["up", "down"])
+def test_lab_up_and_down_are_refused_while_a_campaign_holds_the_lab(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], action: str
+) -> None:
+    """`testbed lab up|down` in the middle of a campaign would reset or remove its hosts: refused,
+    naming the holder, before any playbook runs; with the lab free, the playbook runs under the lock."""
+    from testbed.cli import main
+    from testbed.commands import lab as lab_command
+    from testbed.lab import DEFAULT_INVENTORY
+    from testbed.runner import lock
+
+    locks = tmp_path / "locks"
+    monkeypatch.setattr(lock, "LOCK_DIR", locks)
+    monkeypatch.delenv(HELD_ENV, raising=False)  # a test session's own lock is not the campaign's
+    held_during: list[str] = []
+
+    def playbook(path: Path, inventory: Path) -> object:
+        held_during.append(lock_path(inventory, embedded=True).read_text())
+        return type("Result", (), {"rc": 0})()
+
+    monkeypatch.setattr(lab_command, "run_playbook", playbook)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(DEFAULT_INVENTORY), str(locks), "embedded"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert main(["lab", action]) == 2
+        assert "busy with another campaign" in capsys.readouterr().err and held_during == []
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["lab", action]) == 0
+    assert len(held_during) == 1 and f"testbed lab {action}" in held_during[0]

@@ -3,7 +3,8 @@
 `up` and `down` run the same playbooks as `ansible-playbook -i inventory/local playbooks/site.yml`
 (and teardown.yml), through the playbook runner (testbed.playbooks) and its live progress display.
 The inventory is validated with testbed.lab.load_lab first, so a bad one fails with one line before
-anything is created.
+anything is created. Both hold the lab's campaign lock (testbed.runner.lock) while their playbook
+runs: a `lab up` in the middle of a campaign resets hosts under its runs, a `lab down` removes them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from testbed.lab import DEFAULT_INVENTORY, host_status, load_lab
 from testbed.playbooks import PLAYBOOKS, run_playbook
+from testbed.runner.lock import campaign_lock
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,13 +33,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    load_lab(args.inventory)
-    return 0 if run_playbook(PLAYBOOKS / "site.yml", args.inventory).rc == 0 else 1
+    return _locked_playbook(args.inventory, "site.yml", "testbed lab up")
 
 
 def _down(args: argparse.Namespace) -> int:
-    load_lab(args.inventory)
-    return 0 if run_playbook(PLAYBOOKS / "teardown.yml", args.inventory).rc == 0 else 1
+    return _locked_playbook(args.inventory, "teardown.yml", "testbed lab down")
+
+
+def _locked_playbook(inventory: Path, playbook: str, what: str) -> int:
+    """Run `playbook` on the lab under its campaign lock; refused (InputError, exit 2) before any
+    host is touched while a campaign, a test session or another `lab up|down` holds it."""
+    lab = load_lab(inventory)
+    with campaign_lock(lab.inventory, what, embedded=lab.embedded):
+        return 0 if run_playbook(PLAYBOOKS / playbook, inventory).rc == 0 else 1
 
 
 def _status(args: argparse.Namespace) -> int:

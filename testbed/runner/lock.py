@@ -30,16 +30,18 @@ EMBEDDED_LOCK = "embedded.lock"  # the embedded lab's, whichever checkout's inve
 HELD_ENV = "TESTBED_LAB_LOCK"  # the lock this process (or its parent) holds
 
 
-def lock_path(inventory: Path, lock_dir: Path = LOCK_DIR, *, embedded: bool = False) -> Path:
-    """The lab's lock file: the machine's one for the embedded lab, else named for the inventory."""
+def lock_path(inventory: Path, lock_dir: Path | None = None, *, embedded: bool = False) -> Path:
+    """The lab's lock file: the machine's one for the embedded lab, else named for the inventory
+    (in `lock_dir`, LOCK_DIR when None: read at the call, so a test can move it)."""
     from testbed.provisioning import artifacts_dir
 
+    lock_dir = LOCK_DIR if lock_dir is None else lock_dir
     return lock_dir / (EMBEDDED_LOCK if embedded else f"{artifacts_dir(inventory, lock_dir).name}.lock")
 
 
 @contextlib.contextmanager
 def campaign_lock(
-    inventory: Path, what: str, lock_dir: Path = LOCK_DIR, *, embedded: bool = False
+    inventory: Path, what: str, lock_dir: Path | None = None, *, embedded: bool = False
 ) -> Iterator[None]:
     """Hold the lab's campaign lock (flock: released by the kernel if the holder dies). A process
     started by the holder (a test session's `testbed run`) finds it in HELD_ENV and runs under it."""
