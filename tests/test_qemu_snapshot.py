@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.drivers import cgroups
 from testbed.drivers.base import Host, MigrationMode, VMSpec
 from testbed.drivers.qemu import IMAGE_DIR, QemuDriver
 from testbed.drivers.qemu_snapshot import BootSnapshots
@@ -63,16 +64,8 @@ def driver(embedded_lab: Lab, tmp_path: Path) -> Iterator[QemuDriver]:
     yield made
     for info in made.list_vms():
         made.destroy_vm(info.name)
-    groups = [host.cgroup(c) for host in hosts for c in CONTROLLERS]
-    for group in [*groups, *{group.parent for group in groups}]:  # the PMs', then their parents
-        for _ in range(50):  # a QEMU that just exited may still be leaving its cgroup
-            try:
-                group.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                time.sleep(0.1)
+    for group in {host.cgroup(c).parent for host in hosts for c in CONTROLLERS}:  # the PMs' parents
+        cgroups.remove(group, timeout_s=10)  # a QEMU that just exited may still be leaving its cgroup
 
 
 def _snapshots(tmp_path: Path) -> list[Path]:
