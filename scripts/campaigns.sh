@@ -26,7 +26,7 @@ exp2-container         experiments/exp2.yml        container  0.2    7     0.2  
 exp3-container         experiments/exp3.yml        container  0.5    7     0.2         -
 exp1-qemu              experiments/exp1.yml        qemu       0.1    7     auto        -
 exp2-qemu              experiments/exp2.yml        qemu       0.1    7     auto        -
-exp3-qemu              experiments/exp3.yml        qemu       0.05   3     1           2400
+exp3-qemu              experiments/exp3.yml        qemu       0.05   7     1           2400
 validation-qemu        experiments/validation.yml  qemu       0.3    7     auto        -
 appendix-a-container   experiments/appendix_a.yml  container  1.0    5     -           -
 appendix-a-qemu        experiments/appendix_a.yml  qemu       1.0    5     -           -

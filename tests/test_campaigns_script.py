@@ -25,7 +25,7 @@ def test_every_campaign_runs_a_spec_with_its_technique_at_the_thesis_repetitions
         spec = load_spec(TOP / spec_path)
         assert technique in spec.techniques, name
         assert 0 < float(scale) <= 1, name
-        thesis = 5 if spec.kind == "migration" else (3 if name == "exp3-qemu" else 7)
+        thesis = 5 if spec.kind == "migration" else 7
         assert int(reps) >= thesis, name
         assert time_scale in ("-", "auto") or float(time_scale) > 0, name
         assert timeout == "-" or int(timeout) > 0, name
