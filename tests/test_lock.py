@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -92,7 +93,7 @@ def test_lab_up_and_down_are_refused_while_a_campaign_holds_the_lab(
 
     def playbook(path: Path, inventory: Path) -> object:
         held_during.append(lock_path(inventory, embedded=True).read_text())
-        return type("Result", (), {"rc": 0})()
+        return SimpleNamespace(rc=0)
 
     monkeypatch.setattr(lab_command, "run_playbook", playbook)
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(DEFAULT_INVENTORY), str(locks), "embedded"],
